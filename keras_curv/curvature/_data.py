@@ -1,0 +1,167 @@
+"""Probe data: arrays or a finite ``tf.data.Dataset``, held as a list of device batches.
+
+Curvature quantities are defined on a fixed probe set and accumulated exactly over
+its batches, so the batches are materialised once (probe sets are small by design)
+and reused by every matvec without touching the input pipeline again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+DEFAULT_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ProbeBatch:
+    """One batch of the probe set: inputs, targets, optional sample weights."""
+
+    x: Any
+    y: tf.Tensor
+    sample_weight: tf.Tensor | None
+    size: int
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """A finite probe set, split into device batches."""
+
+    batches: tuple[ProbeBatch, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(b.size for b in self.batches)
+
+
+def _num_rows(x: Any) -> int:
+    leaves = tf.nest.flatten(x)
+    if not leaves:
+        raise ValueError("The probe inputs `x` are empty: pass at least one sample.")
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+    if -1 in sizes:
+        raise ValueError("The probe inputs `x` must have a leading batch axis; got a scalar.")
+    if len(sizes) != 1:
+        raise ValueError(f"The probe inputs have different numbers of rows: {sorted(sizes)}.")
+    return sizes.pop()
+
+
+def _to_tensor(value: Any) -> Any:
+    if value is None:
+        return None
+    return tf.nest.map_structure(tf.convert_to_tensor, value)
+
+
+def _unpack(element: Any) -> tuple[Any, Any, Any]:
+    if isinstance(element, (tuple, list)):
+        if len(element) == 2:
+            return element[0], element[1], None
+        if len(element) == 3:
+            return element[0], element[1], element[2]
+    raise ValueError(
+        "A probe dataset must yield `(x, y)` or `(x, y, sample_weight)` tuples; "
+        f"got an element of type {type(element).__name__}."
+    )
+
+
+def probe_data(
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    batch_size: int | None = None,
+) -> ProbeData:
+    """Normalises probe data into device batches.
+
+    Args:
+        x: Inputs (array, tensor, or a nest of them), or a finite ``tf.data.Dataset``
+            yielding ``(x, y)`` or ``(x, y, sample_weight)``.
+        y: Targets, when ``x`` holds arrays. Must be ``None`` for a dataset.
+        sample_weight: Optional per-sample weights, when ``x`` holds arrays.
+        batch_size: Rows per batch when ``x`` holds arrays (default 256). Ignored for
+            datasets, which keep their own batching.
+
+    Returns:
+        A :class:`ProbeData` with at least one non-empty batch.
+
+    Raises:
+        ValueError: empty data, an infinite dataset, or mismatched lengths.
+    """
+    if isinstance(x, tf.data.Dataset):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                "Pass `y` and `sample_weight` inside the dataset, not as arguments, "
+                "when `x` is a tf.data.Dataset."
+            )
+        if x.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "The probe dataset is infinite (it was `.repeat()`ed); curvature is "
+                "defined on a finite probe set. Use `dataset.take(n)`."
+            )
+        batches = []
+        for element in x:
+            bx, by, bw = _unpack(element)
+            n = _num_rows(bx)
+            if n:
+                batches.append(ProbeBatch(bx, by, bw, n))
+        if not batches:
+            raise ValueError("The probe dataset is empty: it yielded no samples.")
+        return ProbeData(tuple(batches))
+
+    if y is None:
+        raise ValueError("Probe data needs targets: pass `y` along with `x`.")
+    n = _num_rows(x)
+    if n == 0:
+        raise ValueError("The probe inputs `x` are empty: pass at least one sample.")
+    if int(np.shape(y)[0]) != n:
+        raise ValueError(f"`x` has {n} rows but `y` has {int(np.shape(y)[0])}.")
+    if sample_weight is not None and int(np.shape(sample_weight)[0]) != n:
+        raise ValueError(
+            f"`x` has {n} rows but `sample_weight` has {int(np.shape(sample_weight)[0])}."
+        )
+    size = int(batch_size or DEFAULT_BATCH_SIZE)
+    if size <= 0:
+        raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+    batches = []
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        rows = slice(start, stop)
+        bx = tf.nest.map_structure(lambda a, rows=rows: a[rows], x)
+        bw = None if sample_weight is None else sample_weight[rows]
+        batches.append(
+            ProbeBatch(_to_tensor(bx), _to_tensor(y[rows]), _to_tensor(bw), stop - start)
+        )
+    return ProbeData(tuple(batches))
+
+
+def class_targets(y: tf.Tensor, num_classes: int, dtype: tf.DType) -> tf.Tensor:
+    """One-hot ``(n, C)`` targets from sparse ``(n,)``/``(n, 1)`` or one-hot labels.
+
+    Raises:
+        ValueError: labels of the wrong shape, or sparse labels outside ``[0, C)``.
+    """
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 2 and y.shape[-1] == num_classes and num_classes > 1:
+        return tf.cast(y, dtype)
+    if y.shape.rank == 2 and y.shape[-1] == 1:
+        y = tf.squeeze(y, -1)
+    if y.shape.rank != 1:
+        raise ValueError(
+            f"Labels must be sparse integers of shape (n,) or (n, 1), or one-hot of "
+            f"shape (n, {num_classes}); got shape {tuple(y.shape)}."
+        )
+    if y.dtype.is_floating:
+        y_int = tf.cast(y, tf.int64)
+        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.cast(y_int, y.dtype) == y)):
+            raise ValueError("Sparse labels must be whole numbers; got fractional values.")
+        y = y_int
+    if tf.executing_eagerly() and tf.size(y) > 0:
+        low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Labels must lie in [0, {num_classes}) for a {num_classes}-class output; "
+                f"got values from {low} to {high}."
+            )
+    return tf.one_hot(tf.cast(y, tf.int32), num_classes, dtype=dtype)

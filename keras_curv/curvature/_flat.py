@@ -1,0 +1,52 @@
+"""The flat parameter layout shared by every operator, estimator and optimizer.
+
+A *flat vector* holds one entry per trainable scalar: each variable of
+``model.trainable_variables`` flattened row-major, concatenated in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+def variable_shapes(variables: Sequence) -> list[tuple[int, ...]]:
+    """Static shapes of ``variables``, as tuples of ints."""
+    return [tuple(int(d) for d in v.shape) for v in variables]
+
+
+def flat_dim(variables: Sequence) -> int:
+    """Number of scalars in ``variables``."""
+    return int(sum(int(np.prod(shape)) for shape in variable_shapes(variables)))
+
+
+def flatten(tensors: Sequence[tf.Tensor], dtype: tf.DType | None = None) -> tf.Tensor:
+    """Concatenates ``tensors`` row-major into one flat vector.
+
+    ``None`` entries (variables the loss does not depend on) contribute zeros
+    only if ``tensors`` gives their shape; callers pass zeros instead.
+    """
+    parts = [tf.reshape(t, [-1]) for t in tensors]
+    if dtype is not None:
+        parts = [tf.cast(p, dtype) for p in parts]
+    return tf.concat(parts, axis=0)
+
+
+def unflatten(vector: tf.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[tf.Tensor]:
+    """Splits a flat vector (or a ``(dim, k)`` block) into tensors of ``shapes``.
+
+    For a block, each piece has shape ``shape + (k,)``.
+    """
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    pieces = tf.split(vector, sizes, axis=0)
+    if vector.shape.rank == 1:
+        return [tf.reshape(p, shape) for p, shape in zip(pieces, shapes)]
+    k = tf.shape(vector)[1]
+    return [tf.reshape(p, tf.concat([shape, [k]], 0)) for p, shape in zip(pieces, shapes)]
+
+
+def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
+    """Replaces ``None`` gradients by zeros of the matching variable."""
+    return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]

@@ -1,0 +1,297 @@
+"""Curvature operators: symmetric matrices over the flat parameter space, seen through matvecs.
+
+Every operator acts on *flat vectors*: the trainable variables of the model, each
+flattened row-major and concatenated in order (see :mod:`keras_curv.curvature._flat`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_curv.curvature import _flat
+from keras_curv.curvature._data import ProbeBatch, probe_data
+
+
+class LinearOperator:
+    """A symmetric ``dim x dim`` matrix known through matrix-vector products.
+
+    Subclasses implement :meth:`_matvec` (and may override :meth:`_matmat` with a
+    batched version). The public methods validate shapes, cast to the operator's
+    dtype and count products, so that every solver reports its cost in matvecs.
+
+    Attributes:
+        dim: Size of the (square) operator.
+        dtype: The floating dtype products are computed in.
+    """
+
+    def __init__(self, dim: int, dtype: tf.DType):
+        if dim <= 0:
+            raise ValueError(f"An operator needs a positive dimension; got {dim}.")
+        self.dim = int(dim)
+        self.dtype = tf.as_dtype(dtype)
+        self._num_matvecs = 0
+
+    @property
+    def num_matvecs(self) -> int:
+        """Matrix-vector products computed so far (a block of k counts k)."""
+        return self._num_matvecs
+
+    def reset_counter(self) -> None:
+        """Sets :attr:`num_matvecs` back to zero."""
+        self._num_matvecs = 0
+
+    def matvec(self, v: Any) -> tf.Tensor:
+        """Returns ``A v`` for a flat vector ``v`` of shape ``(dim,)``."""
+        v = tf.convert_to_tensor(v)
+        if v.shape.rank != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"matvec expects a vector of shape ({self.dim},); got {tuple(v.shape)}.")
+        self._num_matvecs += 1
+        return self._matvec(tf.cast(v, self.dtype))
+
+    def matmat(self, block: Any) -> tf.Tensor:
+        """Returns ``A V`` for a block ``V`` of shape ``(dim, k)``."""
+        block = tf.convert_to_tensor(block)
+        if block.shape.rank != 2 or block.shape[0] != self.dim:
+            raise ValueError(
+                f"matmat expects a block of shape ({self.dim}, k); got {tuple(block.shape)}."
+            )
+        self._num_matvecs += int(block.shape[1])
+        return self._matmat(tf.cast(block, self.dtype))
+
+    def to_dense(self) -> np.ndarray:
+        """The full matrix, column by column (``dim`` matvecs; for small operators)."""
+        return self.matmat(tf.eye(self.dim, dtype=self.dtype)).numpy()
+
+    def _matvec(self, v: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def _matmat(self, block: tf.Tensor) -> tf.Tensor:
+        columns = [self._matvec(block[:, i]) for i in range(int(block.shape[1]))]
+        return tf.stack(columns, axis=1)
+
+
+class DenseOperator(LinearOperator):
+    """A symmetric matrix held in memory: the oracle for tests and small problems.
+
+    Args:
+        matrix: A square symmetric array.
+
+    Example:
+        >>> op = DenseOperator(np.diag([3.0, 2.0, 1.0]))
+        >>> op.matvec(np.ones(3)).numpy()
+        array([3., 2., 1.])
+    """
+
+    def __init__(self, matrix: Any):
+        matrix = tf.convert_to_tensor(matrix)
+        if matrix.shape.rank != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator needs a square matrix; got shape {tuple(matrix.shape)}.")
+        if not matrix.dtype.is_floating:
+            matrix = tf.cast(matrix, tf.float64)
+        super().__init__(int(matrix.shape[0]), matrix.dtype)
+        self.matrix = matrix
+
+    def _matvec(self, v):
+        return tf.linalg.matvec(self.matrix, v)
+
+    def _matmat(self, block):
+        return tf.matmul(self.matrix, block)
+
+
+def resolve_loss(loss: Any):
+    """Turns ``loss`` into ``f(y_true, y_pred, sample_weight) -> summed batch loss``.
+
+    Accepted forms: a Keras loss name (``"sparse_categorical_crossentropy"``), a
+    ``keras.losses.Loss`` instance (its reduction is replaced by ``"sum"``), or a
+    callable ``fn(y_true, y_pred)`` returning the *mean* loss over the batch as a scalar.
+
+    Raises:
+        ValueError: ``loss`` is none of these.
+    """
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        config = dict(loss.get_config(), reduction="sum")
+        try:
+            summed = loss.__class__.from_config(config)
+        except Exception:  # noqa: BLE001 - custom losses may not round-trip their config
+            summed = None
+        if summed is not None:
+            return lambda y, out, w, n: summed(y, out, sample_weight=w)
+        return lambda y, out, w, n: _checked_scalar(loss(y, out, sample_weight=w)) * n
+    if callable(loss):
+
+        def call(y, out, w, n):
+            if w is not None:
+                raise ValueError(
+                    "Sample weights need a keras.losses.Loss (or a loss name); a plain "
+                    "callable cannot take them."
+                )
+            return _checked_scalar(loss(y, out)) * n
+
+        if getattr(loss, "__module__", "").startswith("keras"):
+            # Keras loss *functions* return one value per sample.
+            wrapped = keras.losses.LossFunctionWrapper(loss, reduction="sum")
+            return lambda y, out, w, n: wrapped(y, out, sample_weight=w)
+        return call
+    raise ValueError(
+        f"`loss` must be a Keras loss name, a keras.losses.Loss, or a callable; got {loss!r}."
+    )
+
+
+def _checked_scalar(value):
+    value = tf.convert_to_tensor(value)
+    if value.shape.rank != 0:
+        raise ValueError(
+            f"The loss must return a scalar (the mean over the batch); it returned shape "
+            f"{tuple(value.shape)}. Reduce it, e.g. with keras.ops.mean, or pass a "
+            "keras.losses.Loss."
+        )
+    return value
+
+
+class _ModelOperator(LinearOperator):
+    """Shared machinery of operators defined by a model, a loss and probe data."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: Any,
+        x: Any,
+        y: Any = None,
+        *,
+        sample_weight: Any = None,
+        training: bool = False,
+        batch_size: int | None = None,
+    ):
+        self.data = probe_data(x, y, sample_weight, batch_size)
+        first = self.data.batches[0]
+        if not model.built:
+            model(first.x)
+        self.model = model
+        self.training = bool(training)
+        self.variables = list(model.trainable_variables)
+        if not self.variables:
+            raise ValueError("The model has no trainable variables: there is no curvature to measure.")
+        dtypes = {v.dtype for v in self.variables}
+        if len(dtypes) != 1:
+            raise ValueError(f"All trainable variables must share one dtype; got {sorted(dtypes)}.")
+        super().__init__(_flat.flat_dim(self.variables), tf.as_dtype(dtypes.pop()))
+        self.shapes = _flat.variable_shapes(self.variables)
+        self._loss_sum = resolve_loss(loss)
+        self._num_samples = float(self.data.num_samples)
+        # Fail early, on the first batch, rather than inside the first matvec.
+        out = self._forward(self._values(), first)
+        if isinstance(out, (list, tuple, dict)):
+            raise ValueError("Curvature operators need a single-output model; this one has several.")
+        _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, first.size))
+        self._batch_fn = tf.function(self._batch_product, reduce_retracing=True)
+
+    def _values(self) -> list[tf.Tensor]:
+        return [v.value for v in self.variables]
+
+    def _forward(self, trainable_values, batch: ProbeBatch):
+        """Model outputs as a pure function of the trainable values (no state updates)."""
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        outputs, _ = self.model.stateless_call(
+            trainable_values, non_trainable, batch.x, training=self.training
+        )
+        return outputs
+
+    def _batch_loss(self, trainable_values, batch: ProbeBatch, outputs):
+        return self._loss_sum(batch.y, outputs, batch.sample_weight, batch.size)
+
+    def _batch_product(self, tangents, x, y, w, n):
+        raise NotImplementedError
+
+    def _matvec(self, v):
+        tangents = _flat.unflatten(v, self.shapes)
+        total = None
+        for batch in self.data.batches:
+            part = self._batch_fn(
+                tangents, batch.x, batch.y, batch.sample_weight, tf.constant(batch.size, self.dtype)
+            )
+            total = part if total is None else [a + b for a, b in zip(total, part)]
+        scale = tf.constant(1.0 / self._num_samples, self.dtype)
+        return _flat.flatten(total) * scale
+
+    @property
+    def tracing_count(self) -> int:
+        """How often the per-batch product was traced (stays small: no retracing per matvec)."""
+        return self._batch_fn.experimental_get_tracing_count()
+
+
+class HessianOperator(_ModelOperator):
+    r"""The exact Hessian of the mean loss over the probe data.
+
+    .. math::
+        H = \nabla^2_\theta \frac{1}{N} \sum_{\mu=1}^{N} w^\mu \ell(y^\mu, f_\theta(x^\mu))
+
+    Products are computed forward-over-reverse (a JVP of the gradient), one probe
+    batch at a time, and summed exactly, so the operator is that of the whole probe
+    set. The per-batch product is traced once with ``tf.function``.
+
+    Args:
+        model: A built (or buildable on ``x``) single-output Keras model.
+        loss: A Keras loss name, a ``keras.losses.Loss``, or ``fn(y_true, y_pred)``
+            returning the batch-mean loss.
+        x: Probe inputs, or a finite ``tf.data.Dataset`` of ``(x, y[, w])``.
+        y: Probe targets (``None`` for a dataset).
+        sample_weight: Optional per-sample weights ``w``.
+        training: Evaluate BatchNorm/Dropout in training mode. The forward pass is
+            stateless either way: no moving statistics or random streams are touched.
+        batch_size: Rows per probe batch for array data.
+
+    Example:
+        >>> op = HessianOperator(model, "sparse_categorical_crossentropy", x, y)
+        >>> hv = op.matvec(tf.ones(op.dim))
+    """
+
+    def _batch_product(self, tangents, x, y, w, n):
+        batch = ProbeBatch(x, y, w, n)
+        params = self._values()
+        with tf.autodiff.ForwardAccumulator(params, tangents) as accumulator:
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                loss = self._batch_loss(params, batch, self._forward(params, batch))
+            grads = _flat.zeros_for_none(tape.gradient(loss, params), params)
+        return _flat.zeros_for_none(accumulator.jvp(grads), params)
+
+
+class GGNOperator(_ModelOperator):
+    r"""The generalised Gauss–Newton matrix of the mean loss over the probe data.
+
+    .. math::
+        G = \frac{1}{N} \sum_{\mu} J_\mu^\top \, \nabla^2_{f} \ell^\mu \, J_\mu,
+        \qquad J_\mu = \partial f_\theta(x^\mu) / \partial \theta
+
+    Positive semi-definite whenever the loss is convex in the model outputs (cross
+    entropy, squared error). ``J`` is never formed: ``J v`` is a forward-mode JVP,
+    the output Hessian acts on it by a small reverse-over-reverse product, and
+    ``J^T`` is a VJP. The split point is the model output: for a model ending in a
+    softmax that is the probabilities.
+
+    Takes the same arguments as :class:`HessianOperator`.
+    """
+
+    def _batch_product(self, tangents, x, y, w, n):
+        batch = ProbeBatch(x, y, w, n)
+        params = self._values()
+        with tf.GradientTape() as vjp_tape:
+            vjp_tape.watch(params)
+            with tf.autodiff.ForwardAccumulator(params, tangents) as accumulator:
+                outputs = self._forward(params, batch)
+            jv = accumulator.jvp(outputs)
+        fixed = tf.stop_gradient(outputs)
+        with tf.GradientTape() as outer:
+            outer.watch(fixed)
+            with tf.GradientTape() as inner:
+                inner.watch(fixed)
+                loss = self._batch_loss(params, batch, fixed)
+            grad_out = inner.gradient(loss, fixed)
+        h_jv = outer.gradient(grad_out, fixed, output_gradients=jv)
+        return _flat.zeros_for_none(vjp_tape.gradient(outputs, params, output_gradients=h_jv), params)
