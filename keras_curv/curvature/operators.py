@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_curv._losses import as_keras_loss
 from keras_curv.curvature import _flat
 from keras_curv.curvature._data import ProbeBatch, probe_data
 
@@ -48,7 +49,9 @@ class LinearOperator:
         """Returns ``A v`` for a flat vector ``v`` of shape ``(dim,)``."""
         v = tf.convert_to_tensor(v)
         if v.shape.rank != 1 or v.shape[0] != self.dim:
-            raise ValueError(f"matvec expects a vector of shape ({self.dim},); got {tuple(v.shape)}.")
+            raise ValueError(
+                f"matvec expects a vector of shape ({self.dim},); got {tuple(v.shape)}."
+            )
         self._num_matvecs += 1
         return self._matvec(tf.cast(v, self.dtype))
 
@@ -89,7 +92,9 @@ class DenseOperator(LinearOperator):
     def __init__(self, matrix: Any):
         matrix = tf.convert_to_tensor(matrix)
         if matrix.shape.rank != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"DenseOperator needs a square matrix; got shape {tuple(matrix.shape)}.")
+            raise ValueError(
+                f"DenseOperator needs a square matrix; got shape {tuple(matrix.shape)}."
+            )
         if not matrix.dtype.is_floating:
             matrix = tf.cast(matrix, tf.float64)
         super().__init__(int(matrix.shape[0]), matrix.dtype)
@@ -112,17 +117,16 @@ def resolve_loss(loss: Any):
     Raises:
         ValueError: ``loss`` is none of these.
     """
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        config = dict(loss.get_config(), reduction="sum")
+    keras_loss = as_keras_loss(loss)
+    if keras_loss is not None:
+        config = dict(keras_loss.get_config(), reduction="sum")
         try:
-            summed = loss.__class__.from_config(config)
+            summed = keras_loss.__class__.from_config(config)
         except Exception:  # noqa: BLE001 - custom losses may not round-trip their config
             summed = None
         if summed is not None:
             return lambda y, out, w, n: summed(y, out, sample_weight=w)
-        return lambda y, out, w, n: _checked_scalar(loss(y, out, sample_weight=w)) * n
+        return lambda y, out, w, n: _checked_scalar(keras_loss(y, out, sample_weight=w)) * n
     if callable(loss):
 
         def call(y, out, w, n):
@@ -133,10 +137,6 @@ def resolve_loss(loss: Any):
                 )
             return _checked_scalar(loss(y, out)) * n
 
-        if getattr(loss, "__module__", "").startswith("keras"):
-            # Keras loss *functions* return one value per sample.
-            wrapped = keras.losses.LossFunctionWrapper(loss, reduction="sum")
-            return lambda y, out, w, n: wrapped(y, out, sample_weight=w)
         return call
     raise ValueError(
         f"`loss` must be a Keras loss name, a keras.losses.Loss, or a callable; got {loss!r}."
@@ -176,7 +176,9 @@ class _ModelOperator(LinearOperator):
         self.training = bool(training)
         self.variables = list(model.trainable_variables)
         if not self.variables:
-            raise ValueError("The model has no trainable variables: there is no curvature to measure.")
+            raise ValueError(
+                "The model has no trainable variables: there is no curvature to measure."
+            )
         dtypes = {v.dtype for v in self.variables}
         if len(dtypes) != 1:
             raise ValueError(f"All trainable variables must share one dtype; got {sorted(dtypes)}.")
@@ -187,7 +189,9 @@ class _ModelOperator(LinearOperator):
         # Fail early, on the first batch, rather than inside the first matvec.
         out = self._forward(self._values(), first)
         if isinstance(out, (list, tuple, dict)):
-            raise ValueError("Curvature operators need a single-output model; this one has several.")
+            raise ValueError(
+                "Curvature operators need a single-output model; this one has several."
+            )
         _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, first.size))
         self._batch_fn = tf.function(self._batch_product, reduce_retracing=True)
 
@@ -294,4 +298,6 @@ class GGNOperator(_ModelOperator):
                 loss = self._batch_loss(params, batch, fixed)
             grad_out = inner.gradient(loss, fixed)
         h_jv = outer.gradient(grad_out, fixed, output_gradients=jv)
-        return _flat.zeros_for_none(vjp_tape.gradient(outputs, params, output_gradients=h_jv), params)
+        return _flat.zeros_for_none(
+            vjp_tape.gradient(outputs, params, output_gradients=h_jv), params
+        )

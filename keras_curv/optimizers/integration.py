@@ -1,0 +1,300 @@
+"""How curvature-aware optimizers get the batch inside ``compile``/``fit``.
+
+Keras's TensorFlow train step hands an optimizer only gradients. The curvature
+optimizers also need the batch: the labels, the model outputs, the loss and the
+gradients *as tensors of the traced step*, so that second-order quantities
+(Hessian-vector products, per-class logit gradients) are built by symbolic
+differentiation of the very forward pass that produced the gradient: no second
+forward pass, the same dropout masks and BatchNorm batch statistics.
+
+This module is the only place that knows how the batch is found:
+
+1. An explicit context, entered by :func:`curvature_step` (hand-written loops).
+2. Otherwise, while Keras *traces* ``Model.train_step``, the optimizer reads the
+   train step's local tensors (``y``, ``y_pred``, ``sample_weight``, ``loss``,
+   ``gradients``) from the calling frame. This happens once per trace, never per
+   step. It works for Sequential, Functional and subclassed models, for custom
+   ``train_step`` overrides that follow the Keras guide's naming, with
+   ``jit_compile``, ``steps_per_execution`` and a wrapping ``LossScaleOptimizer``
+   (whose ``tf.cond`` branch cannot differentiate outer tensors: the second-order
+   ops are therefore built in the train step's own graph and captured).
+
+``tests/optimizers/test_integration.py`` pins the Keras internals relied on here,
+so a Keras change fails loudly there rather than silently in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_curv._losses import as_keras_loss
+from keras_curv.curvature import _flat
+
+_TRAIN_STEP_LOCALS = ("y", "y_pred")
+_MAX_FRAMES = 40
+_state = threading.local()
+
+
+class CurvatureContextError(RuntimeError):
+    """A curvature optimizer was driven where it cannot see the batch."""
+
+
+USAGE = (
+    "{name} needs the batch, not only gradients. Use it through `model.compile(optimizer=...)` "
+    "and `model.fit(...)`/`train_on_batch` (not with run_eagerly=True), or in a hand-written loop "
+    "call `keras_curv.optimizers.curvature_step(model, optimizer, loss, x, y)` instead of "
+    "`optimizer.apply_gradients`."
+)
+
+
+@dataclass
+class TrainBatch:
+    """The tensors of one traced train step that curvature optimizers need.
+
+    Attributes:
+        model: The model being trained.
+        y: Targets as given to the train step.
+        y_pred: Model outputs of the step's forward pass.
+        sample_weight: Per-sample weights, or ``None``.
+        loss: The (possibly loss-scaled) scalar loss the gradients were taken of.
+        gradients: The (possibly loss-scaled) gradients, aligned with ``variables``,
+            or ``None`` to recompute them symbolically from ``loss``.
+        variables: The model's trainable variables.
+        loss_scale: Factor by which ``loss`` and ``gradients`` are scaled (1 unless a
+            ``LossScaleOptimizer`` wraps the optimizer).
+    """
+
+    model: keras.Model
+    y: Any
+    y_pred: Any
+    sample_weight: Any
+    loss: tf.Tensor
+    gradients: list | None
+    variables: list
+    loss_scale: Any = 1.0
+
+    @property
+    def graph(self) -> tf.Graph:
+        """The graph the step's tensors live in; second-order ops are built here."""
+        return tf.convert_to_tensor(self.loss).graph
+
+    def step_graph(self) -> contextlib.AbstractContextManager:
+        """Context in which to build every per-batch statistic (probes included).
+
+        Inside a ``LossScaleOptimizer``'s ``tf.cond`` branch, tensors of the train
+        step cannot be differentiated; ops built in this context live in the step's
+        graph and are captured by the branch when used there.
+        """
+        return self.graph.as_default()
+
+    def _handles(self) -> list:
+        return [getattr(v, "value", v) for v in self.variables]
+
+    def scaled_gradients(self) -> list[tf.Tensor]:
+        """The step's gradients (times ``loss_scale``), recomputed only if not kept."""
+        if self.gradients is None:
+            with self.graph.as_default():
+                grads = tf.gradients(self.loss, self._handles())
+                self.gradients = _flat.zeros_for_none(grads, self._handles())
+        return list(self.gradients)
+
+    def vjp(self, ys: Any, cotangents: Any) -> list[tf.Tensor]:
+        """``sum_i cotangent_i . d ys_i / d theta`` for tensors of this step, per variable."""
+        with self.graph.as_default():
+            grads = tf.gradients(ys, self._handles(), grad_ys=cotangents)
+            return _flat.zeros_for_none(grads, self._handles())
+
+    def jacobian(self, ys: tf.Tensor) -> list[tf.Tensor]:
+        """The Jacobian of a small vector ``ys`` of shape ``(C,)``: per variable ``(C, *shape)``.
+
+        The C reverse passes are vectorised with ``tf.vectorized_map`` (pfor).
+        """
+        with self.graph.as_default():
+            num = int(ys.shape[0])
+            handles = self._handles()
+
+            def one_row(unit):
+                grads = tf.gradients(ys, handles, grad_ys=unit)
+                return _flat.zeros_for_none(grads, handles)
+
+            return tf.vectorized_map(one_row, tf.eye(num, dtype=ys.dtype))
+
+    def hessian_vector_product(self, tangents: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """``H v`` of the *unscaled* training loss, by reverse-over-reverse on the step's graph."""
+        with self.graph.as_default():
+            grads = self.scaled_gradients()
+            tangents = [tf.cast(t, g.dtype) for t, g in zip(tangents, grads)]
+            products = self.vjp(grads, tangents)
+            scale = tf.cast(tf.convert_to_tensor(self.loss_scale), products[0].dtype)
+            return [p / scale for p in products]
+
+
+def _owns(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
+    compiled = getattr(model, "optimizer", None)
+    return compiled is optimizer or getattr(compiled, "inner_optimizer", None) is optimizer
+
+
+def _loss_scale(model: keras.Model) -> Any:
+    compiled = getattr(model, "optimizer", None)
+    if isinstance(compiled, keras.optimizers.LossScaleOptimizer):
+        return compiled.dynamic_scale if compiled.built else compiled.initial_scale
+    return 1.0
+
+
+def _from_frame(optimizer) -> TrainBatch | None:
+    frame = sys._getframe(2)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return None
+        local = frame.f_locals
+        model = local.get("self")
+        if (
+            frame.f_code.co_name == "train_step"
+            and isinstance(model, keras.Model)
+            and all(name in local for name in _TRAIN_STEP_LOCALS)
+            and _owns(model, optimizer)
+        ):
+            loss = local.get("loss")
+            if loss is None:
+                return None
+            return TrainBatch(
+                model=model,
+                y=local["y"],
+                y_pred=local["y_pred"],
+                sample_weight=local.get("sample_weight"),
+                loss=loss,
+                gradients=local.get("gradients"),
+                variables=list(model.trainable_variables),
+                loss_scale=_loss_scale(model),
+            )
+        frame = frame.f_back
+    return None
+
+
+def current_batch(optimizer: keras.optimizers.Optimizer) -> TrainBatch:
+    """The batch of the train step that is calling ``optimizer``.
+
+    Must be called from the optimizer's ``apply`` while a step is being traced.
+
+    Raises:
+        CurvatureContextError: eager execution, or no train step / explicit context
+            is on the call stack; the message says how to use the optimizer.
+    """
+    stack = getattr(_state, "stack", [])
+    if stack and stack[-1][0] is optimizer:
+        return stack[-1][1]
+    name = type(optimizer).__name__
+    if tf.executing_eagerly():
+        raise CurvatureContextError(
+            USAGE.format(name=name) + " It was called eagerly, where the batch's tensors "
+            "cannot be differentiated again."
+        )
+    batch = _from_frame(optimizer)
+    if batch is None:
+        raise CurvatureContextError(USAGE.format(name=name))
+    return batch
+
+
+@contextlib.contextmanager
+def batch_context(optimizer, batch: TrainBatch) -> Iterator[None]:
+    """Makes ``batch`` the one ``optimizer`` sees while tracing inside the block."""
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append((optimizer, batch))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+_step_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def curvature_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss: Callable | keras.losses.Loss | str,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    training: bool = True,
+) -> tf.Tensor:
+    """One training step with a curvature optimizer, for hand-written loops.
+
+    Runs the forward pass, the loss (plus the model's regularization losses), the
+    gradients and ``optimizer``'s curvature-aware update inside a ``tf.function``
+    that is traced once per model, optimizer and loss, and reused.
+
+    Args:
+        model: The model to train.
+        optimizer: A keras-curv optimizer (or any Keras optimizer).
+        loss: A Keras loss name or instance, or ``fn(y_true, y_pred)`` returning the
+            batch-mean loss.
+        x: A batch of inputs.
+        y: The batch's targets.
+        sample_weight: Optional per-sample weights (needs a Keras loss).
+        training: Call the model in training mode.
+
+    Returns:
+        The scalar training loss of the batch (before the update).
+
+    Example:
+        >>> opt = keras_curv.AdaHessian()
+        >>> for x, y in dataset:
+        ...     loss = keras_curv.optimizers.curvature_step(
+        ...         model, opt, "sparse_categorical_crossentropy", x, y)
+    """
+    loss = as_keras_loss(loss) or loss
+    per_model = _step_cache.setdefault(model, {})
+    key = (id(optimizer), id(loss), bool(training))
+    if key not in per_model:
+        per_model[key] = tf.function(_make_step(model, optimizer, loss, training))
+    if sample_weight is None:
+        return per_model[key](x, y)
+    return per_model[key](x, y, sample_weight)
+
+
+def _make_step(model, optimizer, loss_fn, training):
+    def step(x, y, sample_weight=None):
+        variables = list(model.trainable_variables)
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=training)
+            if isinstance(loss_fn, keras.losses.Loss):
+                value = loss_fn(y, y_pred, sample_weight=sample_weight)
+            elif sample_weight is not None:
+                raise ValueError("Sample weights need a keras.losses.Loss or a loss name.")
+            else:
+                value = loss_fn(y, y_pred)
+            if model.losses:
+                value = value + tf.add_n([tf.cast(r, value.dtype) for r in model.losses])
+            scaled = optimizer.scale_loss(value)
+        gradients = tape.gradient(scaled, variables)
+        batch = TrainBatch(
+            model=model,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            loss=scaled,
+            gradients=list(gradients),
+            variables=variables,
+            loss_scale=optimizer.dynamic_scale
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            else 1.0,
+        )
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        with batch_context(inner, batch):
+            optimizer.apply_gradients(zip(gradients, variables))
+        return value
+
+    return step
