@@ -1,5 +1,11 @@
 """The curvature engine: operators, eigensolvers, estimators and class gradients."""
 
+from keras_curv.curvature.estimators import (
+    DiagonalEstimate,
+    TraceEstimate,
+    hutchinson_diagonal,
+    hutchinson_trace,
+)
 from keras_curv.curvature.operators import (
     DenseOperator,
     GGNOperator,
@@ -7,4 +13,13 @@ from keras_curv.curvature.operators import (
     LinearOperator,
 )
 
-__all__ = ["DenseOperator", "GGNOperator", "HessianOperator", "LinearOperator"]
+__all__ = [
+    "DenseOperator",
+    "DiagonalEstimate",
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "TraceEstimate",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+]
