@@ -267,12 +267,12 @@ def _generate_mnist1d(seed: int, num_samples: int):
     args.train_split = 1.0
     # The generator reseeds Python's and NumPy's global RNGs; restore them afterwards
     # so that loading data never changes the caller's random streams.
-    py_state, np_state = random.getstate(), np.random.get_state()
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     try:
         raw = make_dataset(args)
     finally:
         random.setstate(py_state)
-        np.random.set_state(np_state)
+        np.random.set_state(np_state)  # noqa: NPY002
     x = np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32)
     y = np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)
     return x, y
