@@ -1,0 +1,6 @@
+"""``python -m benchmarks`` (``make bench``): runs every benchmark with its defaults."""
+
+from benchmarks import hvp_cost
+
+if __name__ == "__main__":
+    hvp_cost.main([])

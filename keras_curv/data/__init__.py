@@ -1,0 +1,21 @@
+"""Datasets for the CLI, examples, tests and benchmarks, as NumPy train/test splits."""
+
+from keras_curv.data.datasets import (
+    DATASET_NAMES,
+    OFFLINE_DATASETS,
+    TFDS_DATASETS,
+    DatasetSplits,
+    DatasetUnavailableError,
+    default_cache_dir,
+    load_dataset,
+)
+
+__all__ = [
+    "DATASET_NAMES",
+    "OFFLINE_DATASETS",
+    "TFDS_DATASETS",
+    "DatasetSplits",
+    "DatasetUnavailableError",
+    "default_cache_dir",
+    "load_dataset",
+]
