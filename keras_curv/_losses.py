@@ -11,8 +11,10 @@ import keras
 class PerSampleLoss(keras.losses.Loss):
     """Wraps ``fn(y_true, y_pred) -> per-sample losses`` (Keras loss functions)."""
 
-    def __init__(self, fn: Callable, reduction: str = "sum_over_batch_size", name=None):
-        super().__init__(reduction=reduction, name=name or getattr(fn, "__name__", "loss"))
+    def __init__(self, fn: Callable, reduction: str = "sum_over_batch_size", name=None, dtype=None):
+        super().__init__(
+            reduction=reduction, name=name or getattr(fn, "__name__", "loss"), dtype=dtype
+        )
         self.fn = fn
 
     def call(self, y_true, y_pred):

@@ -1,5 +1,6 @@
 """The curvature engine: operators, eigensolvers, estimators and class gradients."""
 
+from keras_curv.curvature.class_gradients import class_gradients
 from keras_curv.curvature.estimators import (
     DiagonalEstimate,
     TraceEstimate,
@@ -14,6 +15,7 @@ from keras_curv.curvature.operators import (
 )
 
 __all__ = [
+    "class_gradients",
     "DenseOperator",
     "DiagonalEstimate",
     "GGNOperator",

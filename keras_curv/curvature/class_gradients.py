@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_curv.curvature import _flat
 from keras_curv.curvature._data import class_targets, probe_data
+from keras_curv.curvature._model import stateless_outputs
 
 _LOG_FLOOR = 1e-30
 
@@ -110,10 +111,9 @@ def class_gradients(
     @tf.function(reduce_retracing=True)
     def batch_sums(inputs, onehot):
         params = [v.value for v in variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
         with tf.GradientTape() as tape:
             tape.watch(params)
-            outputs, _ = model.stateless_call(params, non_trainable, inputs, training=training)
+            outputs = stateless_outputs(model, params, inputs, training)
             scores = tf.cast(class_scores(model, outputs), dtype)
             per_class = tf.reduce_sum(onehot * scores, axis=0)
         jacobian = tape.jacobian(per_class, params, experimental_use_pfor=True)

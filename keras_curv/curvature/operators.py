@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_curv._losses import as_keras_loss
 from keras_curv.curvature import _flat
 from keras_curv.curvature._data import ProbeBatch, probe_data
+from keras_curv.curvature._model import stateless_outputs
 
 
 class LinearOperator:
@@ -107,7 +108,7 @@ class DenseOperator(LinearOperator):
         return tf.matmul(self.matrix, block)
 
 
-def resolve_loss(loss: Any):
+def resolve_loss(loss: Any, dtype: Any = None):
     """Turns ``loss`` into ``f(y_true, y_pred, sample_weight) -> summed batch loss``.
 
     Accepted forms: a Keras loss name (``"sparse_categorical_crossentropy"``), a
@@ -119,14 +120,20 @@ def resolve_loss(loss: Any):
     """
     keras_loss = as_keras_loss(loss)
     if keras_loss is not None:
+        # Sum, then divide by N ourselves; compute in the operator's dtype so that a
+        # float64 model gets a float64 Hessian (Loss objects default to floatx).
         config = dict(keras_loss.get_config(), reduction="sum")
+        if dtype is not None:
+            config["dtype"] = tf.as_dtype(dtype).name
         try:
             summed = keras_loss.__class__.from_config(config)
         except Exception:  # noqa: BLE001 - custom losses may not round-trip their config
             summed = None
         if summed is not None:
             return lambda y, out, w, n: summed(y, out, sample_weight=w)
-        return lambda y, out, w, n: _checked_scalar(keras_loss(y, out, sample_weight=w)) * n
+        return lambda y, out, w, n: (
+            tf.cast(_checked_scalar(keras_loss(y, out, sample_weight=w)), n.dtype) * n
+        )
     if callable(loss):
 
         def call(y, out, w, n):
@@ -135,7 +142,7 @@ def resolve_loss(loss: Any):
                     "Sample weights need a keras.losses.Loss (or a loss name); a plain "
                     "callable cannot take them."
                 )
-            return _checked_scalar(loss(y, out)) * n
+            return tf.cast(_checked_scalar(loss(y, out)), n.dtype) * n
 
         return call
     raise ValueError(
@@ -184,7 +191,7 @@ class _ModelOperator(LinearOperator):
             raise ValueError(f"All trainable variables must share one dtype; got {sorted(dtypes)}.")
         super().__init__(_flat.flat_dim(self.variables), tf.as_dtype(dtypes.pop()))
         self.shapes = _flat.variable_shapes(self.variables)
-        self._loss_sum = resolve_loss(loss)
+        self._loss_sum = resolve_loss(loss, self.dtype)
         self._num_samples = float(self.data.num_samples)
         # Fail early, on the first batch, rather than inside the first matvec.
         out = self._forward(self._values(), first)
@@ -192,7 +199,8 @@ class _ModelOperator(LinearOperator):
             raise ValueError(
                 "Curvature operators need a single-output model; this one has several."
             )
-        _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, first.size))
+        size = tf.constant(first.size, self.dtype)
+        _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, size))
         self._batch_fn = tf.function(self._batch_product, reduce_retracing=True)
 
     def _values(self) -> list[tf.Tensor]:
@@ -200,11 +208,7 @@ class _ModelOperator(LinearOperator):
 
     def _forward(self, trainable_values, batch: ProbeBatch):
         """Model outputs as a pure function of the trainable values (no state updates)."""
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
-        outputs, _ = self.model.stateless_call(
-            trainable_values, non_trainable, batch.x, training=self.training
-        )
-        return outputs
+        return stateless_outputs(self.model, trainable_values, batch.x, self.training)
 
     def _batch_loss(self, trainable_values, batch: ProbeBatch, outputs):
         return self._loss_sum(batch.y, outputs, batch.sample_weight, batch.size)
