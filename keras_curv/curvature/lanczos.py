@@ -68,9 +68,18 @@ def tridiagonal(alphas: np.ndarray, off: np.ndarray) -> np.ndarray:
 def _orthogonalise(w: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
     # Classical Gram–Schmidt applied twice ("twice is enough", Giraud et al. 2005):
     # keeps Q orthonormal to working precision at two matrix-vector products each.
+    # Rows of `basis` not yet filled are zero and contribute nothing.
     for _ in range(2):
         w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
     return w
+
+
+@tf.function(reduce_retracing=True)
+def _three_term_step(w, q, q_prev, beta_prev, basis):
+    """alpha_j, and the reorthogonalised residual of step j (one traced graph)."""
+    alpha = tf.tensordot(q, w, 1)
+    w = _orthogonalise(w - alpha * q - beta_prev * q_prev, basis)
+    return alpha, w, tf.norm(w)
 
 
 def lanczos(
@@ -135,19 +144,17 @@ def lanczos(
     basis = tf.Variable(tf.zeros((num_steps, dim), tf.float64), trainable=False)
     alphas: list[float] = []
     betas: list[float] = []
-    q_prev, beta_prev = None, 0.0
+    q_prev, beta_prev = tf.zeros_like(q), 0.0
     t_norm = 0.0
     restarts = 0
     broke = False
     for j in range(num_steps):
         basis[j].assign(q)
         w = tf.cast(op.matvec(tf.cast(q, op.dtype)), tf.float64)
-        alpha = float(tf.tensordot(q, w, 1))
-        w = w - alpha * q
-        if q_prev is not None:
-            w = w - beta_prev * q_prev
-        w = _orthogonalise(w, basis[: j + 1])
-        beta = float(tf.norm(w))
+        alpha, w, beta = _three_term_step(
+            w, q, q_prev, tf.constant(beta_prev, tf.float64), basis
+        )
+        alpha, beta = float(alpha), float(beta)
         t_norm = max(t_norm, abs(alpha) + beta + beta_prev)
         broke = beta <= _BREAKDOWN * eps * t_norm
         if broke:
@@ -162,11 +169,11 @@ def lanczos(
             if restart_rng is None:
                 break
             fresh = tf.constant(restart_rng.standard_normal(dim), tf.float64)
-            fresh = _orthogonalise(fresh, basis[: j + 1])
+            fresh = _orthogonalise(fresh, basis)
             fresh_norm = float(tf.norm(fresh))
             if fresh_norm == 0.0:
                 break
-            q_prev, q, beta_prev = None, fresh / fresh_norm, 0.0
+            q_prev, q, beta_prev = tf.zeros_like(q), fresh / fresh_norm, 0.0
             restarts += 1
         else:
             q_prev, q, beta_prev = q, w / beta, beta
