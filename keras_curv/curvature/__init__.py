@@ -1,27 +1,36 @@
 """The curvature engine: operators, eigensolvers, estimators and class gradients."""
 
 from keras_curv.curvature.class_gradients import class_gradients
+from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
 from keras_curv.curvature.estimators import (
     DiagonalEstimate,
     TraceEstimate,
     hutchinson_diagonal,
     hutchinson_trace,
 )
+from keras_curv.curvature.lanczos import LanczosDecomposition, lanczos
 from keras_curv.curvature.operators import (
     DenseOperator,
     GGNOperator,
     HessianOperator,
     LinearOperator,
 )
+from keras_curv.curvature.spectral_density import SpectralDensity, spectral_density
 
 __all__ = [
-    "class_gradients",
     "DenseOperator",
     "DiagonalEstimate",
+    "EigenResult",
     "GGNOperator",
     "HessianOperator",
+    "LanczosDecomposition",
     "LinearOperator",
+    "SpectralDensity",
     "TraceEstimate",
+    "class_gradients",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "lanczos",
+    "spectral_density",
+    "top_eigenpairs",
 ]
