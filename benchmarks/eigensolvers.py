@@ -60,8 +60,10 @@ def main() -> dict:
     start = time.perf_counter()
     dense = op.to_dense()
     oracle = np.linalg.eigvalsh(0.5 * (dense + dense.T))[::-1]
-    print(f"dense oracle: dim {op.dim}, {time.perf_counter() - start:.1f}s; "
-          f"top-{K}: {np.array2string(oracle[:K], precision=4)}; min {oracle[-1]:.3g}")
+    print(
+        f"dense oracle: dim {op.dim}, {time.perf_counter() - start:.1f}s; "
+        f"top-{K}: {np.array2string(oracle[:K], precision=4)}; min {oracle[-1]:.3g}"
+    )
     by_magnitude = oracle[np.argsort(-np.abs(oracle))][:K]
     same_set = np.allclose(np.sort(by_magnitude), np.sort(oracle[:K]))
     print(f"top-{K} algebraic == top-{K} by magnitude: {same_set}")
@@ -75,9 +77,16 @@ def main() -> dict:
             result = top_eigenpairs(op, K, method=method, tol=tol, seed=0, **kwargs)
             seconds = time.perf_counter() - t0
             err = float(np.max(np.abs(result.eigenvalues - oracle[:K]) / np.abs(oracle[:K])))
-            rows.append({"method": method, "tol": tol, "matvecs": result.num_matvecs,
-                         "max_rel_err": err, "converged": result.converged,
-                         "seconds": seconds})
+            rows.append(
+                {
+                    "method": method,
+                    "tol": tol,
+                    "matvecs": result.num_matvecs,
+                    "max_rel_err": err,
+                    "converged": result.converged,
+                    "seconds": seconds,
+                }
+            )
 
     # Oracle-stopped Lanczos: the smallest Krylov dimension that is accurate enough.
     op.reset_counter()
@@ -95,11 +104,14 @@ def main() -> dict:
     lanczos(op, rng.standard_normal(op.dim), min(op.dim, 300), stop=accurate)
     oracle_stop["matvecs"] = op.num_matvecs
 
-    print(f"\n{'method':<8} {'tol':>7} {'matvecs':>8} {'max rel err':>12} {'conv':>5} "
-          f"{'seconds':>8}")
+    print(
+        f"\n{'method':<8} {'tol':>7} {'matvecs':>8} {'max rel err':>12} {'conv':>5} {'seconds':>8}"
+    )
     for r in rows:
-        print(f"{r['method']:<8} {r['tol']:>7.0e} {r['matvecs']:>8d} {r['max_rel_err']:>12.2e} "
-              f"{r['converged']!s:>5} {r['seconds']:>8.2f}")
+        print(
+            f"{r['method']:<8} {r['tol']:>7.0e} {r['matvecs']:>8d} {r['max_rel_err']:>12.2e} "
+            f"{r['converged']!s:>5} {r['seconds']:>8.2f}"
+        )
     summary = {}
     for method in TOLS:
         ok = [r["matvecs"] for r in rows if r["method"] == method and r["max_rel_err"] < TARGET]
@@ -109,9 +121,16 @@ def main() -> dict:
         print(f"  {method:<8} {count if count is not None else 'not reached'}")
     print(f"  lanczos, oracle-stopped: {oracle_stop['matvecs']} (err {oracle_stop['err']:.1e})")
 
-    report = {"dim": op.dim, "k": K, "target": TARGET, "oracle_top": oracle[:K].tolist(),
-              "oracle_min": float(oracle[-1]), "runs": rows, "matvecs_at_target": summary,
-              "lanczos_oracle_stopped": oracle_stop}
+    report = {
+        "dim": op.dim,
+        "k": K,
+        "target": TARGET,
+        "oracle_top": oracle[:K].tolist(),
+        "oracle_min": float(oracle[-1]),
+        "runs": rows,
+        "matvecs_at_target": summary,
+        "lanczos_oracle_stopped": oracle_stop,
+    }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "eigensolvers.json").write_text(json.dumps(report, indent=2))

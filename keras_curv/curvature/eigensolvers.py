@@ -139,8 +139,9 @@ def top_eigenpairs(
         )
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
-    if max_iters is not None and (isinstance(max_iters, bool) or int(max_iters) != max_iters
-                                  or max_iters < 1):
+    if max_iters is not None and (
+        isinstance(max_iters, bool) or int(max_iters) != max_iters or max_iters < 1
+    ):
         raise ValueError(f"`max_iters` must be a positive int or None; got {max_iters!r}.")
     if isinstance(oversampling, bool) or int(oversampling) != oversampling or oversampling < 0:
         raise ValueError(f"`oversampling` must be a non-negative int; got {oversampling!r}.")

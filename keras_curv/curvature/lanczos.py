@@ -151,9 +151,7 @@ def lanczos(
     for j in range(num_steps):
         basis[j].assign(q)
         w = tf.cast(op.matvec(tf.cast(q, op.dtype)), tf.float64)
-        alpha, w, beta = _three_term_step(
-            w, q, q_prev, tf.constant(beta_prev, tf.float64), basis
-        )
+        alpha, w, beta = _three_term_step(w, q, q_prev, tf.constant(beta_prev, tf.float64), basis)
         alpha, beta = float(alpha), float(beta)
         t_norm = max(t_norm, abs(alpha) + beta + beta_prev)
         broke = beta <= _BREAKDOWN * eps * t_norm

@@ -201,7 +201,8 @@ class _ModelOperator(LinearOperator):
             )
         size = tf.constant(first.size, self.dtype)
         _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, size))
-        self._batch_fn = tf.function(self._batch_product, reduce_retracing=True)
+        self._batch_sizes = [tf.constant(b.size, self.dtype) for b in self.data.batches]
+        self._batch_fn = tf.function(self._flat_batch_product, reduce_retracing=True)
 
     def _values(self) -> list[tf.Tensor]:
         return [v.value for v in self.variables]
@@ -216,16 +217,16 @@ class _ModelOperator(LinearOperator):
     def _batch_product(self, tangents, x, y, w, n):
         raise NotImplementedError
 
+    def _flat_batch_product(self, v, x, y, w, n):
+        # Layout changes live inside the traced function: no eager work per product.
+        return _flat.flatten(self._batch_product(_flat.unflatten(v, self.shapes), x, y, w, n))
+
     def _matvec(self, v):
-        tangents = _flat.unflatten(v, self.shapes)
         total = None
-        for batch in self.data.batches:
-            part = self._batch_fn(
-                tangents, batch.x, batch.y, batch.sample_weight, tf.constant(batch.size, self.dtype)
-            )
-            total = part if total is None else [a + b for a, b in zip(total, part)]
-        scale = tf.constant(1.0 / self._num_samples, self.dtype)
-        return _flat.flatten(total) * scale
+        for batch, size in zip(self.data.batches, self._batch_sizes):
+            part = self._batch_fn(v, batch.x, batch.y, batch.sample_weight, size)
+            total = part if total is None else total + part
+        return total * tf.constant(1.0 / self._num_samples, self.dtype)
 
     @property
     def tracing_count(self) -> int:

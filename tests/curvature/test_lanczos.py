@@ -48,8 +48,9 @@ class TestLanczosPrimitive:
         basis = dec.basis.numpy()
         assert basis.shape == (25, 60) and dec.basis.dtype == tf.float64
         np.testing.assert_allclose(basis @ basis.T, np.eye(25), atol=1e-12)
-        np.testing.assert_allclose(basis @ op.matrix.numpy() @ basis.T, dec.tridiagonal(),
-                                   atol=1e-11)
+        np.testing.assert_allclose(
+            basis @ op.matrix.numpy() @ basis.T, dec.tridiagonal(), atol=1e-11
+        )
         assert op.num_matvecs == 25
 
     def test_full_run_reproduces_spectrum(self):
@@ -163,7 +164,9 @@ class TestLanczosEigensolver:
         warm_near = top_eigenpairs(nearby, 5, seed=1, init=cold.eigenvectors)
         np.testing.assert_allclose(warm_near.eigenvalues, ref, rtol=1e-6)
         assert warm_near.num_matvecs < cold_near.num_matvecs, (
-            warm_near.num_matvecs, cold_near.num_matvecs)
+            warm_near.num_matvecs,
+            cold_near.num_matvecs,
+        )
 
     def test_far_fewer_matvecs_than_power_iteration(self):
         lam = np.concatenate([10.0 * 0.9 ** np.arange(10), np.linspace(0.0, 3.0, 290)])
@@ -214,8 +217,9 @@ class TestValidation:
         with pytest.raises(ValueError, match="lanczos, nystrom, power"):
             top_eigenpairs(self.op, 2, method="arnoldi")
 
-    @pytest.mark.parametrize("init", [np.ones(9), np.ones((9, 2)), np.ones((10, 0)),
-                                      np.ones((10, 2, 1))])
+    @pytest.mark.parametrize(
+        "init", [np.ones(9), np.ones((9, 2)), np.ones((10, 0)), np.ones((10, 2, 1))]
+    )
     def test_bad_init_shape(self, init):
         with pytest.raises(ValueError, match="init"):
             top_eigenpairs(self.op, 2, init=init)
@@ -226,8 +230,9 @@ class TestValidation:
         with pytest.raises(ValueError, match="all-zero"):
             top_eigenpairs(self.op, 2, init=np.zeros(10))
 
-    @pytest.mark.parametrize("kwargs", [{"tol": 0.0}, {"tol": -1.0}, {"max_iters": 0},
-                                        {"oversampling": -1}])
+    @pytest.mark.parametrize(
+        "kwargs", [{"tol": 0.0}, {"tol": -1.0}, {"max_iters": 0}, {"oversampling": -1}]
+    )
     def test_bad_numbers(self, kwargs):
         with pytest.raises(ValueError):
             top_eigenpairs(self.op, 2, **kwargs)

@@ -57,16 +57,14 @@ def test_warm_start_from_previous_eigenvectors_reduces_matvecs():
     lam = np.concatenate([[20.0, 18.0, 16.0], np.linspace(0.0, 14.0, 147)])
     op, _ = known_operator(lam, seed=3)
     cold = top_eigenpairs(op, 3, method="nystrom", seed=0, oversampling=3)
-    warm = top_eigenpairs(op, 3, method="nystrom", seed=1, oversampling=3,
-                          init=cold.eigenvectors)
+    warm = top_eigenpairs(op, 3, method="nystrom", seed=1, oversampling=3, init=cold.eigenvectors)
     np.testing.assert_allclose(warm.eigenvalues, lam[:3], rtol=1e-6)
     assert warm.num_matvecs < cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
 
 
 def test_max_iters_reports_non_convergence():
     op, _ = known_operator(np.linspace(1.0, 1.01, 100))
-    result = top_eigenpairs(op, 2, method="nystrom", max_iters=2, oversampling=2, tol=1e-12,
-                            seed=0)
+    result = top_eigenpairs(op, 2, method="nystrom", max_iters=2, oversampling=2, tol=1e-12, seed=0)
     assert result.num_iters == 2 and result.num_matvecs == 8 and not result.converged
 
 

@@ -80,10 +80,8 @@ def test_breakdown_pads_with_zero_weights():
     sd = spectral_density(op, 8, 3, seed=0)
     assert sd.num_matvecs == 9
     np.testing.assert_array_equal(sd.weights[:, 3:], 0.0)
-    np.testing.assert_allclose(np.sort(sd.nodes[:, :3], axis=1), [[1.0, 2.0, 5.0]] * 3,
-                               rtol=1e-10)
-    np.testing.assert_allclose(sd.moment(1), 8 / 3, atol=3 * hutchinson_std(
-        op.matrix.numpy(), 3))
+    np.testing.assert_allclose(np.sort(sd.nodes[:, :3], axis=1), [[1.0, 2.0, 5.0]] * 3, rtol=1e-10)
+    np.testing.assert_allclose(sd.moment(1), 8 / 3, atol=3 * hutchinson_std(op.matrix.numpy(), 3))
 
 
 def test_explicit_sigma():
