@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/keras-curv demo
 
 test: $(STAMP)
-	$(BIN)/ruff check keras_curv tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)
