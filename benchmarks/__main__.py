@@ -1,6 +1,7 @@
 """``python -m benchmarks`` (``make bench``): runs every benchmark with its defaults."""
 
-from benchmarks import hvp_cost
+from benchmarks import eigensolvers, hvp_cost
 
 if __name__ == "__main__":
     hvp_cost.main([])
+    eigensolvers.main()
