@@ -79,8 +79,9 @@ class AdaHessian(keras.optimizers.Optimizer):
 
     Hessian steps: with ``update_each = u`` the Hessian-vector products are computed
     (inside the compiled step, behind a ``Switch``/``Merge`` conditional, so skipped
-    steps do not pay for them; not so under ``jit_compile``) only at steps whose zero-based index ``t − 1`` is a multiple of ``u``. On
-    the other steps ``v`` is left untouched (the stale ``D`` is not re-absorbed into
+    steps do not pay for them; not so under ``jit_compile``) only at steps whose
+    zero-based index ``t − 1`` is a multiple of ``u``. On the other steps ``v`` is
+    left untouched (the stale ``D`` is not re-absorbed into
     the average) and the previous ``v`` is reused. ``τ`` is the number of steps at
     which ``v`` was updated so far (this step included), kept in its own counter
     (:attr:`hessian_iterations`), so the bias correction of ``v`` counts only real
@@ -103,7 +104,8 @@ class AdaHessian(keras.optimizers.Optimizer):
     ``n_samples`` copies of the parameters), or unrolled under ``jit_compile``.
     ``update_each > 1`` spreads this cost over several steps, except under
     ``jit_compile`` where the products are computed at every step (XLA cannot skip
-    them, see below) and only ``v``'s update is skipped. State: two slots (``m``, ``v``) per variable, as Adam.
+    them, see below) and only ``v``'s update is skipped. State: two slots (``m``,
+    ``v``) per variable, as Adam.
 
     The optimizer needs the batch, not only gradients: use it through
     ``model.compile``/``model.fit`` (also with ``jit_compile``, ``steps_per_execution``
@@ -284,7 +286,8 @@ class AdaHessian(keras.optimizers.Optimizer):
         dead_zero = tf.cast(tf.reshape(skipped_signs, [-1])[0] * 0, diagonals[0].dtype)
         merged = []
         for d in diagonals:
-            value, _ = tf.raw_ops.Merge(inputs=[d, tf.fill(tf.shape(d), tf.cast(dead_zero, d.dtype))])
+            zeros = tf.fill(tf.shape(d), tf.cast(dead_zero, d.dtype))
+            value, _ = tf.raw_ops.Merge(inputs=[d, zeros])
             value.set_shape(d.shape)
             merged.append(value)
         return merged
@@ -379,7 +382,10 @@ class AdaHessian(keras.optimizers.Optimizer):
         tau = tf.cast(self._hessian_iterations, tf.float32)
         correction = tf.where(tau > 0, 1.0 - tf.pow(self.beta_2, tau), 1.0)
         total = tf.add_n(
-            [tf.reduce_sum(tf.sqrt(tf.cast(v, tf.float32) / correction)) for v in self._hessian_emas]
+            [
+                tf.reduce_sum(tf.sqrt(tf.cast(v, tf.float32) / correction))
+                for v in self._hessian_emas
+            ]
         )
         count = sum(int(tf.size(v)) for v in self._hessian_emas)
         return total / float(max(count, 1))
