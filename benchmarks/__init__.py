@@ -1,0 +1,1 @@
+"""Benchmarks of keras-curv (run as scripts: python -m benchmarks.<name>)."""
