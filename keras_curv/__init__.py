@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from keras_curv import curvature  # noqa: E402
+from keras_curv import curvature, optimizers  # noqa: E402
+from keras_curv.optimizers import AdaHessian  # noqa: E402
 
-__all__ = ["curvature", "__version__"]
+__all__ = ["AdaHessian", "curvature", "optimizers", "__version__"]

@@ -255,11 +255,12 @@ def curvature_step(
         ...     loss = keras_curv.optimizers.curvature_step(
         ...         model, opt, "sparse_categorical_crossentropy", x, y)
     """
-    loss = as_keras_loss(loss) or loss
     per_model = _step_cache.setdefault(model, {})
-    key = (id(optimizer), id(loss), bool(training))
+    # A loss name makes a new Loss object per call: key on the name so the step is reused.
+    key = (id(optimizer), loss if isinstance(loss, str) else id(loss), bool(training))
     if key not in per_model:
-        per_model[key] = tf.function(_make_step(model, optimizer, loss, training))
+        resolved = as_keras_loss(loss) or loss
+        per_model[key] = tf.function(_make_step(model, optimizer, resolved, training))
     if sample_weight is None:
         return per_model[key](x, y)
     return per_model[key](x, y, sample_weight)

@@ -1,0 +1,413 @@
+"""AdaHessian: Adam with the gradient's second moment replaced by a Hessian diagonal.
+
+The Hessian diagonal is estimated with Hutchinson's method from one (or a few)
+Hessian-vector products per step, built by reverse-over-reverse differentiation
+of the very train step that produced the gradient (see
+:mod:`keras_curv.optimizers.integration`), so the optimizer works with
+``model.compile``/``model.fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+from tensorflow.python.ops import control_flow_util
+
+from keras_curv.curvature import _flat
+from keras_curv.optimizers import integration
+
+
+class _StepStats:
+    """Per-step statistics built in the train step's graph, read by ``update_step``.
+
+    A plain holder: assigning tensors to optimizer attributes would go through
+    Keras's attribute tracking.
+    """
+
+    def __init__(self) -> None:
+        self.diagonals: dict | None = None
+        self.updated: tf.Tensor | None = None
+
+
+def _spatial_average(diagonal: tf.Tensor) -> tf.Tensor:
+    """Averages a Hessian-diagonal estimate over a convolution kernel's spatial axes.
+
+    Keras kernels are laid out ``(kh, kw, in, out)`` (rank 4) and ``(kw, in, out)``
+    (rank 3): the spatial axes are ``(0, 1)`` and ``(0,)``. Other ranks (biases,
+    dense kernels, ``Conv3D`` kernels) are left as they are.
+    """
+    rank = diagonal.shape.rank
+    if rank == 4:
+        axes = [0, 1]
+    elif rank == 3:
+        axes = [0]
+    else:
+        return diagonal
+    return tf.broadcast_to(tf.reduce_mean(diagonal, axis=axes, keepdims=True), tf.shape(diagonal))
+
+
+@keras.saving.register_keras_serializable(package="keras_curv")
+class AdaHessian(keras.optimizers.Optimizer):
+    """AdaHessian (Yao et al., 2021): Adam preconditioned by a Hessian-diagonal estimate.
+
+    At step ``t`` (counted from 1), with gradient ``g``, Rademacher probes
+    ``z_s`` (entries ±1, ``s = 1..S`` with ``S = n_samples``) and the Hessian ``H``
+    of the training loss (regularization losses included) at the current weights:
+
+    ```
+    D    = spatial_avg( | (1/S) sum_s z_s ⊙ (H z_s) | )       (Hutchinson estimate)
+    m    ← β1 m + (1 − β1) g
+    v    ← β2 v + (1 − β2) D²                               (on Hessian steps only)
+    den  = ( sqrt(v) / sqrt(1 − β2^τ) )^k + ε
+    θ    ← θ − lr · wd · θ                                  (if weight_decay is set)
+    θ    ← θ − lr · ( m / (1 − β1^t) ) / den
+    ```
+
+    ``E[z ⊙ Hz] = diag(H)``, so with ``S = 1`` this is ``D = |z ⊙ Hz| = |Hz|`` as in
+    the authors' code; with ``S > 1`` the probes are averaged *before* the absolute
+    value, so the estimate tends to ``|diag(H)|`` as ``S`` grows.
+    ``spatial_avg`` replaces each entry of a convolution kernel's estimate by its
+    mean over the kernel's spatial positions (keepdims, broadcast back): axes
+    ``(0, 1)`` of a ``Conv2D`` kernel ``(kh, kw, in, out)`` (the authors' choice,
+    which reduces the estimate's variance) and, by the same reasoning, axis ``0`` of
+    a ``Conv1D`` kernel ``(kw, in, out)``. Tensors of rank ≤ 2 (dense kernels,
+    biases) and of rank ≥ 5 are not averaged. ``k`` is ``hessian_power``, applied
+    after the square root and the bias correction.
+
+    Hessian steps: with ``update_each = u`` the Hessian-vector products are computed
+    (inside the compiled step, behind a ``Switch``/``Merge`` conditional, so skipped
+    steps do not pay for them; not so under ``jit_compile``) only at steps whose
+    zero-based index ``t − 1`` is a multiple of ``u``. On the other steps ``v`` is
+    left untouched (the stale ``D`` is not re-absorbed into
+    the average) and the previous ``v`` is reused. ``τ`` is the number of steps at
+    which ``v`` was updated so far (this step included), kept in its own counter
+    (:attr:`hessian_iterations`), so the bias correction of ``v`` counts only real
+    updates. A Hessian step whose estimate is not finite (e.g. an overflow under
+    ``mixed_float16``) is treated as skipped for ``v`` and ``τ``.
+
+    Weight decay is decoupled (AdamW-style, Keras's ``weight_decay`` mechanism),
+    which equals the authors' ``θ ← θ − lr·(m̂/den + wd·θ)``.
+
+    The probes are drawn inside the compiled step from a
+    ``keras.random.SeedGenerator`` owned by the optimizer: fresh at every step,
+    reproducible under ``keras.utils.set_random_seed`` (or a fixed ``seed``), and
+    its state is one of ``optimizer.variables``, so it is saved and restored with
+    the model and resumed training draws the same probes as uninterrupted training.
+
+    Cost: each Hessian step adds ``n_samples`` Hessian-vector products, each about
+    one extra backward pass through the step's gradient graph (roughly 1–2× the
+    cost of the gradient), plus the memory of the second-order graph. With
+    ``n_samples > 1`` the products are vectorised (``tf.vectorized_map``, holding
+    ``n_samples`` copies of the parameters), or unrolled under ``jit_compile``.
+    ``update_each > 1`` spreads this cost over several steps, except under
+    ``jit_compile`` where the products are computed at every step (XLA cannot skip
+    them, see below) and only ``v``'s update is skipped. State: two slots (``m``,
+    ``v``) per variable, as Adam.
+
+    The optimizer needs the batch, not only gradients: use it through
+    ``model.compile``/``model.fit`` (also with ``jit_compile``, ``steps_per_execution``
+    and mixed precision) or :func:`keras_curv.optimizers.curvature_step`; calling
+    ``apply_gradients`` eagerly raises ``CurvatureContextError``.
+
+    Args:
+        learning_rate: A float, a ``keras.optimizers.schedules.LearningRateSchedule``
+            or a callable. Defaults to ``0.15`` (the authors' default).
+        beta_1: Decay rate of the gradient's moving average, in ``[0, 1)``.
+        beta_2: Decay rate of the moving average of ``D²``, in ``[0, 1)``.
+        epsilon: Added to the denominator, ``> 0``. Defaults to ``1e-4``.
+        hessian_power: The power ``k`` in ``(0, 1]`` applied to the bias-corrected
+            root-mean-square Hessian diagonal.
+        n_samples: Number of Rademacher probes per Hessian step (int ≥ 1).
+        update_each: Recompute the Hessian diagonal every ``update_each`` steps
+            (int ≥ 1); see above.
+        seed: Integer seed of the probes' generator, or ``None`` to draw it from
+            Python's global RNG when the optimizer is built (seeded by
+            ``keras.utils.set_random_seed``).
+        weight_decay: Decoupled weight decay coefficient, or ``None``.
+        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+            ema_overwrite_frequency, loss_scale_factor: as for every Keras optimizer.
+        gradient_accumulation_steps: Not supported (the curvature would be that of
+            one micro-batch); must be ``None``.
+        name: Name of the optimizer.
+        **kwargs: Passed to ``keras.optimizers.Optimizer``.
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+        >>> model.compile(
+        ...     optimizer=keras_curv.optimizers.AdaHessian(learning_rate=0.1),
+        ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ...     metrics=["accuracy"])
+        >>> model.fit(x, y, batch_size=128, epochs=5)
+        >>> float(model.optimizer.mean_curvature())  # diagnostics
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.15,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-4,
+        hessian_power: float = 1.0,
+        n_samples: int = 1,
+        update_each: int = 1,
+        seed: int | None = None,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str = "adahessian",
+        **kwargs: Any,
+    ) -> None:
+        for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"`{arg}` must be a float in [0, 1); received {arg}={value!r}.")
+        if not isinstance(epsilon, (int, float)) or not float(epsilon) > 0.0:
+            raise ValueError(f"`epsilon` must be a float > 0; received epsilon={epsilon!r}.")
+        if not isinstance(hessian_power, (int, float)) or not 0.0 < float(hessian_power) <= 1.0:
+            raise ValueError(
+                "`hessian_power` must be in (0, 1] (the range of the AdaHessian paper); "
+                f"received hessian_power={hessian_power!r}."
+            )
+        for arg, value in (("n_samples", n_samples), ("update_each", update_each)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{arg}` must be an int >= 1; received {arg}={value!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None; received seed={seed!r}.")
+        if gradient_accumulation_steps is not None:
+            raise ValueError(
+                "AdaHessian does not support `gradient_accumulation_steps` (its curvature "
+                "would be that of a single micro-batch); pass gradient_accumulation_steps="
+                "None and use a larger batch instead."
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.hessian_power = float(hessian_power)
+        self.n_samples = int(n_samples)
+        self.update_each = int(update_each)
+        self.seed = seed
+        self._stats = _StepStats()
+
+    def build(self, var_list: list) -> None:
+        """Creates ``m`` and ``v`` per variable, the Hessian-step counter and the RNG."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._hessian_emas = self.add_optimizer_variables(
+            var_list, ["momentum", "hessian_ema"]
+        )
+        self._hessian_iterations = self.add_variable(
+            shape=(), initializer="zeros", dtype="int64", name="hessian_iteration"
+        )
+        self._seed_generator = keras.random.SeedGenerator(self.seed, name="adahessian_probes")
+        # Tracked so the RNG state is saved, loaded and resumed with the optimizer.
+        self._track_variable(self._seed_generator.state)
+
+    # ------------------------------------------------------------------ curvature
+
+    def _draw_probes(self, num: int) -> tf.Tensor:
+        """``(n_samples, num)`` Rademacher signs (int32) from the optimizer's generator."""
+        # maxval is exclusive: {0, 1} -> {-1, +1}.
+        bits = keras.random.randint(
+            (self.n_samples, num), 0, 2, dtype="int32", seed=self._seed_generator
+        )
+        return 2 * bits - 1
+
+    def _hessian_diagonals(self, batch: integration.TrainBatch, signs: tf.Tensor) -> list:
+        """``D`` per variable of ``batch`` from the probes ``signs``; built in the step graph.
+
+        The Hessian-vector products are built here (not through
+        ``batch.hessian_vector_product``, which re-enters the step graph) so that they
+        also work inside ``tf.vectorized_map``'s function for ``n_samples > 1``.
+        """
+        grads = batch.scaled_gradients()
+        handles = [getattr(v, "value", v) for v in batch.variables]
+        shapes = _flat.variable_shapes(batch.variables)
+
+        def estimate(flat_signs):
+            probes = [
+                tf.cast(p, g.dtype) for p, g in zip(_flat.unflatten(flat_signs, shapes), grads)
+            ]
+            products = _flat.zeros_for_none(tf.gradients(grads, handles, grad_ys=probes), handles)
+            scale = tf.cast(tf.convert_to_tensor(batch.loss_scale), grads[0].dtype)
+            return [z * (hz / scale) for z, hz in zip(probes, products)]
+
+        if self.n_samples == 1:
+            estimates = estimate(signs[0])
+        elif control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            # Under XLA, vectorized_map's fallback cannot differentiate the step's
+            # tensors (it would silently yield zeros): unroll the probes instead.
+            per_probe = [estimate(signs[s]) for s in range(self.n_samples)]
+            estimates = [tf.add_n(list(e)) / self.n_samples for e in zip(*per_probe)]
+        else:
+            estimates = tf.vectorized_map(estimate, signs)
+            estimates = [tf.reduce_mean(e, axis=0) for e in estimates]
+        return [_spatial_average(tf.abs(e)) for e in estimates]
+
+    def _lazy_hessian_diagonals(self, batch, signs, is_hessian_step) -> list:
+        """``D`` computed only when ``is_hessian_step`` holds (zeros otherwise).
+
+        ``tf.cond`` cannot be used: its branch is a separate function, in which the
+        step's gradients cannot be differentiated again. A ``Switch``/``Merge`` pair
+        in the step's own graph has the same effect: on skipped steps the probes are
+        dead tensors, so every op of the Hessian-vector products (all of which
+        depend on the probes) is not executed. XLA does not compile ``Switch``;
+        under ``jit_compile`` the products are therefore computed at every step and
+        only the use of ``D`` (the update of ``v``) is skipped.
+        """
+        in_xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        if in_xla:
+            return self._hessian_diagonals(batch, signs)
+        skipped_signs, live_signs = tf.raw_ops.Switch(data=signs, pred=is_hessian_step)
+        diagonals = self._hessian_diagonals(batch, live_signs)
+        # A zero that is dead exactly when the products are live, so Merge sees one input.
+        dead_zero = tf.cast(tf.reshape(skipped_signs, [-1])[0] * 0, diagonals[0].dtype)
+        merged = []
+        for d in diagonals:
+            zeros = tf.fill(tf.shape(d), tf.cast(dead_zero, d.dtype))
+            value, _ = tf.raw_ops.Merge(inputs=[d, zeros])
+            value.set_shape(d.shape)
+            merged.append(value)
+        return merged
+
+    def apply(self, grads: list, trainable_variables: list | None = None):
+        """Builds this step's Hessian-diagonal estimate, then applies the update."""
+        batch = integration.current_batch(self)
+        if not self.built:
+            if trainable_variables is None:
+                return super().apply(grads, trainable_variables)  # raises Keras's error
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+        variables = batch.variables
+        with batch.step_graph():
+            # Drawn at every step, Hessian step or not, so the probe sequence does not
+            # depend on update_each or on the execution mode.
+            signs = self._draw_probes(_flat.flat_dim(variables))
+            if self.update_each == 1:
+                is_hessian_step = tf.constant(True)
+                diagonals = self._hessian_diagonals(batch, signs)
+            else:
+                iteration = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
+                is_hessian_step = tf.equal(tf.math.floormod(iteration, self.update_each), 0)
+                diagonals = self._lazy_hessian_diagonals(batch, signs, is_hessian_step)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in diagonals])
+            updated = tf.logical_and(is_hessian_step, finite)
+        self._stats.diagonals = {self._var_key(v): d for v, d in zip(variables, diagonals)}
+        self._stats.updated = updated
+        try:
+            result = super().apply(grads, trainable_variables)
+            self._hessian_iterations.assign_add(tf.cast(updated, tf.int64))
+        finally:
+            self._stats.diagonals = None
+            self._stats.updated = None
+        return result
+
+    def update_step(self, gradient, variable, learning_rate) -> None:
+        """Update of one variable given its gradient and this step's ``D``."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+        diagonal = ops.cast(self._stats.diagonals[self._var_key(variable)], dtype)
+        updated = self._stats.updated
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        v = self._hessian_emas[index]
+
+        step = ops.cast(self.iterations + 1, dtype)
+        hessian_step = ops.cast(
+            ops.maximum(self._hessian_iterations + ops.cast(updated, "int64"), 1), dtype
+        )
+        one = ops.cast(1.0, dtype)
+        beta_1 = ops.cast(self.beta_1, dtype)
+        beta_2 = ops.cast(self.beta_2, dtype)
+
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), one - beta_1))
+        new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(diagonal), v), one - beta_2))
+        self.assign(v, ops.where(updated, new_v, v))
+
+        rms = ops.sqrt(v) / ops.sqrt(one - ops.power(beta_2, hessian_step))
+        if self.hessian_power != 1.0:
+            rms = ops.power(rms, ops.cast(self.hessian_power, dtype))
+        denominator = rms + ops.cast(self.epsilon, dtype)
+        m_hat = m / (one - ops.power(beta_1, step))
+        self.assign_sub(variable, lr * m_hat / denominator)
+
+    # ---------------------------------------------------------------- diagnostics
+
+    @property
+    def hessian_diagonal_ema(self) -> list:
+        """The moving averages ``v`` of ``D²``, one variable per trainable variable.
+
+        Not bias-corrected; see :meth:`mean_curvature`.
+        """
+        self._check_built()
+        return list(self._hessian_emas)
+
+    @property
+    def hessian_iterations(self):
+        """Number of steps at which ``v`` was updated (the ``τ`` of the bias correction)."""
+        self._check_built()
+        return self._hessian_iterations
+
+    def mean_curvature(self) -> tf.Tensor:
+        """Mean over all parameters of ``sqrt(v / (1 − β2^τ))``, in float32.
+
+        The bias-corrected root-mean-square Hessian-diagonal magnitude: a scalar
+        summary of the curvature the optimizer currently preconditions with (0
+        before the first Hessian step).
+        """
+        self._check_built()
+        tau = tf.cast(self._hessian_iterations, tf.float32)
+        correction = tf.where(tau > 0, 1.0 - tf.pow(self.beta_2, tau), 1.0)
+        total = tf.add_n(
+            [
+                tf.reduce_sum(tf.sqrt(tf.cast(v, tf.float32) / correction))
+                for v in self._hessian_emas
+            ]
+        )
+        count = sum(int(tf.size(v)) for v in self._hessian_emas)
+        return total / float(max(count, 1))
+
+    def _check_built(self) -> None:
+        if not self.built:
+            raise ValueError(
+                "The AdaHessian optimizer has no state yet: train (or call "
+                "`optimizer.build(model.trainable_variables)`) first."
+            )
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "hessian_power": self.hessian_power,
+                "n_samples": self.n_samples,
+                "update_each": self.update_each,
+                "seed": self.seed,
+            }
+        )
+        return config
