@@ -127,8 +127,9 @@ class AdaHessian(keras.optimizers.Optimizer):
             Python's global RNG when the optimizer is built (seeded by
             ``keras.utils.set_random_seed``).
         weight_decay: Decoupled weight decay coefficient, or ``None``.
-        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-            ema_overwrite_frequency, loss_scale_factor: as for every Keras optimizer.
+        clipnorm: As for every Keras optimizer (also ``clipvalue``,
+            ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
+            ``ema_overwrite_frequency`` and ``loss_scale_factor``).
         gradient_accumulation_steps: Not supported (the curvature would be that of
             one micro-batch); must be ``None``.
         name: Name of the optimizer.
