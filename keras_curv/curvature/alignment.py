@@ -1,4 +1,4 @@
-r"""How well two sets of directions in parameter space line up (Appendix C of the class-subspace paper).
+r"""How well two sets of directions in parameter space line up (Appendix C, class-subspace paper).
 
 The class-subspace quasi-Newton method rests on the claim that the per-class mean logit
 gradients :math:`v_1, \dots, v_C` span (nearly) the same subspace as the top-:math:`C`
