@@ -213,7 +213,11 @@ def model_loss(model: keras.Model, loss: Any, owner: str) -> Any:
     if as_keras_loss(compiled) is not None:
         return compiled
     if callable(compiled):
-        return PerSampleLoss(compiled)
+        # In the variables' dtype: a local function cannot be re-created from its config
+        # with another dtype, and a float32 loss would blur a float64 model's Hessian.
+        variables = model.trainable_variables
+        dtype = variables[0].dtype if variables else None
+        return PerSampleLoss(compiled, dtype=dtype)
     raise ValueError(f"{owner} cannot use the compiled loss {compiled!r}; pass `loss=`.")
 
 
