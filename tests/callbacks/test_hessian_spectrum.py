@@ -102,7 +102,7 @@ def test_optimizer_summary_mixed_precision_and_jit(tmp_path, needs_tensorboard):
     assert events["optimizer/eigs"][0][1] == "histograms"
 
 
-def test_bad_optimizer_summary_raises():
+def test_bad_optimizer_summary_raises(tmp_path):
     class Bad(keras.optimizers.SGD):
         def curvature_summary(self):
             return {"matrix": np.eye(2)}
@@ -111,7 +111,7 @@ def test_bad_optimizer_summary_raises():
     model = tiny_model()
     model.compile(loss=XENT, optimizer=Bad())
     pytest.importorskip("tensorboard")
-    cb = HessianSpectrum((x, y), log_dir="/tmp/unused-" + str(os.getpid()))
+    cb = HessianSpectrum((x, y), log_dir=str(tmp_path))
     with pytest.raises(ValueError, match="only scalars and vectors"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
 
