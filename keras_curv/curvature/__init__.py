@@ -1,5 +1,14 @@
 """The curvature engine: operators, eigensolvers, estimators and class gradients."""
 
+from keras_curv.curvature.alignment import (
+    Assignment,
+    best_assignment,
+    combined_rank,
+    cosine_matrix,
+    gradient_fraction,
+    principal_angles,
+    subspace_overlap,
+)
 from keras_curv.curvature.class_gradients import class_gradients
 from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
 from keras_curv.curvature.estimators import (
@@ -18,6 +27,7 @@ from keras_curv.curvature.operators import (
 from keras_curv.curvature.spectral_density import SpectralDensity, spectral_density
 
 __all__ = [
+    "Assignment",
     "DenseOperator",
     "DiagonalEstimate",
     "EigenResult",
@@ -27,10 +37,16 @@ __all__ = [
     "LinearOperator",
     "SpectralDensity",
     "TraceEstimate",
+    "best_assignment",
     "class_gradients",
+    "combined_rank",
+    "cosine_matrix",
+    "gradient_fraction",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "principal_angles",
     "spectral_density",
+    "subspace_overlap",
     "top_eigenpairs",
 ]

@@ -1,0 +1,115 @@
+"""Wall-clock overhead of the diagnostic callbacks on ``model.fit``.
+
+Run from the repository root::
+
+    python -m benchmarks.callback_overhead [--epochs 5] [--probe 256] [--repeats 2]
+
+Trains ``keras_curv.models.small_cnn`` on the digits data (batch 32) for ``--epochs``
+epochs, without callbacks and with ``HessianSpectrum`` + ``SubspaceAlignment`` at their
+default frequency (every epoch) on a probe set of ``--probe`` held-out samples, all in one
+process. Each configuration is repeated and the fastest run kept (the first fit of a new
+model pays tracing, in both configurations). Besides the total, the time spent inside each
+callback's measurement is recorded, split into its parts, so the dominant cost is visible.
+Results go to stdout and ``benchmarks/results/callback_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+
+from keras_curv.callbacks import HessianSpectrum, SubspaceAlignment  # noqa: E402
+from keras_curv.data import load_dataset  # noqa: E402
+from keras_curv.models import small_cnn  # noqa: E402
+
+TARGET_OVERHEAD = 0.10
+RESULTS = Path(__file__).resolve().parent / "results" / "callback_overhead.json"
+
+
+class Timed:
+    """Wraps a callback's ``_measure`` to accumulate the seconds spent in it."""
+
+    def __init__(self, callback):
+        self.seconds = 0.0
+        inner = callback._measure
+
+        def measure(step):
+            start = time.perf_counter()
+            try:
+                return inner(step)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        callback._measure = measure
+
+
+def run(data, epochs: int, probe: int, with_callbacks: bool, seed: int) -> dict:
+    keras.utils.set_random_seed(seed)
+    model = small_cnn(data.input_shape, data.num_classes)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    callbacks, timers = [], {}
+    if with_callbacks:
+        probe_set = (data.x_test[:probe], data.y_test[:probe])
+        callbacks = [HessianSpectrum(probe_set), SubspaceAlignment(probe_set)]
+        timers = {type(cb).__name__: Timed(cb) for cb in callbacks}
+    start = time.perf_counter()
+    history = model.fit(
+        data.x_train, data.y_train, epochs=epochs, batch_size=32, verbose=0, callbacks=callbacks
+    )
+    total = time.perf_counter() - start
+    out = {"seconds": total, "final_loss": float(history.history["loss"][-1])}
+    out.update({f"{name}_seconds": t.seconds for name, t in timers.items()})
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--probe", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    data = load_dataset("digits")
+    runs = {"plain": [], "callbacks": []}
+    for repeat in range(args.repeats):
+        for name in runs:
+            runs[name].append(run(data, args.epochs, args.probe, name == "callbacks", repeat))
+    plain = min(r["seconds"] for r in runs["plain"])
+    best = min(runs["callbacks"], key=lambda r: r["seconds"])
+    overhead = best["seconds"] / plain - 1.0
+    result = {
+        "epochs": args.epochs,
+        "probe": args.probe,
+        "train_samples": int(data.x_train.shape[0]),
+        "plain_seconds": plain,
+        "callbacks_seconds": best["seconds"],
+        "overhead": overhead,
+        "target": TARGET_OVERHEAD,
+        "per_callback_seconds": {k: v for k, v in best.items() if k.endswith("_seconds")},
+        "runs": runs,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+    }
+    print(
+        f"fit, {args.epochs} epochs, digits, small_cnn: plain {plain:.2f} s, "
+        f"with both callbacks {best['seconds']:.2f} s, overhead {100 * overhead:.1f}% "
+        f"(target <= {100 * TARGET_OVERHEAD:.0f}%)"
+    )
+    for key, value in result["per_callback_seconds"].items():
+        print(f"  {key}: {value:.2f} s")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

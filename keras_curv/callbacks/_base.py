@@ -1,0 +1,376 @@
+"""What the diagnostic callbacks share: probe data, schedule, loss, TensorBoard writing, plots.
+
+Each concern has exactly one implementation here:
+
+* :class:`ProbeSchedule`: when a measurement is due (every ``n`` epochs and/or every ``n``
+  training batches) and which TensorBoard step it is written at;
+* :class:`CurvatureWriter`: ``tf.summary`` scalars, histograms and images under
+  ``<log_dir>/curvature``;
+* :func:`render_stem`, :func:`render_density`, :func:`render_heatmap`: matplotlib (Agg)
+  figures rendered to image tensors;
+* :func:`model_loss`: the loss a callback differentiates when none is given;
+* :func:`optimizer_summary`: the optimizer's ``curvature_summary()`` protocol;
+* :class:`CurvatureCallback`: the Keras callback plumbing built on the above.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_curv._losses import PerSampleLoss, as_keras_loss
+from keras_curv.curvature._data import ProbeData, probe_data
+from keras_curv.curvature._model import stateless_outputs
+
+SUBDIR = "curvature"
+
+
+def _positive_int_or_none(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int or None; got {value!r}.")
+    return int(value)
+
+
+class ProbeSchedule:
+    """When a diagnostic runs, and the TensorBoard step it is recorded at.
+
+    A measurement is due at the end of every ``every_n_epochs``-th epoch and/or after every
+    ``every_n_batches``-th training batch, counted globally across epochs (with
+    ``steps_per_execution > 1`` Keras reports batches in chunks; a measurement is due when
+    the count crosses a multiple of ``every_n_batches``).
+
+    The step of a summary is the epoch index (0-based, like ``keras.callbacks.TensorBoard``)
+    when only ``every_n_epochs`` is set; as soon as ``every_n_batches`` is set, every
+    summary, including the epoch-end ones, is written at the global batch count (batches
+    completed since training began), so that all points share one axis.
+    """
+
+    def __init__(self, every_n_epochs: int | None, every_n_batches: int | None):
+        self.every_n_epochs = _positive_int_or_none(every_n_epochs, "every_n_epochs")
+        self.every_n_batches = _positive_int_or_none(every_n_batches, "every_n_batches")
+        if self.every_n_epochs is None and self.every_n_batches is None:
+            raise ValueError(
+                "Nothing is scheduled: set `every_n_epochs` and/or `every_n_batches` "
+                "to a positive int."
+            )
+        self.global_batch = 0
+        self._epoch_offset = 0
+
+    def reset(self) -> None:
+        self.global_batch = 0
+        self._epoch_offset = 0
+
+    def epoch_begin(self) -> None:
+        self._epoch_offset = self.global_batch
+
+    def batch_end(self, batch: int) -> bool:
+        """Records that batch ``batch`` (0-based, within the epoch) ended; whether one is due."""
+        previous = self.global_batch
+        self.global_batch = self._epoch_offset + int(batch) + 1
+        n = self.every_n_batches
+        return n is not None and self.global_batch // n > previous // n
+
+    def epoch_due(self, epoch: int) -> bool:
+        n = self.every_n_epochs
+        return n is not None and (int(epoch) + 1) % n == 0
+
+    def step(self, epoch: int) -> int:
+        return self.global_batch if self.every_n_batches is not None else int(epoch)
+
+
+class CurvatureWriter:
+    """Writes summaries to ``<log_dir>/curvature``, its own TensorBoard run.
+
+    The subdirectory keeps these summaries apart from ``keras.callbacks.TensorBoard``'s
+    ``train``/``validation`` runs in the same ``log_dir``. Writing is forced on with
+    ``tf.summary.record_if(True)``, because the Keras callback may have installed a
+    recording condition for its own batch-level summaries.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        # tf.summary is only a stub without the tensorboard package: fail now, not mid-fit.
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(
+                "Writing TensorBoard summaries (`log_dir=`) needs the tensorboard package: "
+                "pip install 'keras-curv[tensorboard]' (or pip install tensorboard)."
+            )
+        self.path = os.path.join(os.fspath(log_dir), SUBDIR)
+        self._writer = None
+
+    def write(
+        self,
+        step: int,
+        scalars: Mapping[str, float] = (),
+        histograms: Mapping[str, Any] = (),
+        images: Mapping[str, np.ndarray] = (),
+    ) -> None:
+        """Writes one step's summaries and flushes them to disk."""
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.path)
+        with self._writer.as_default(step=int(step)), tf.summary.record_if(True):
+            for tag, value in dict(scalars).items():
+                tf.summary.scalar(tag, float(value))
+            for tag, values in dict(histograms).items():
+                tf.summary.histogram(tag, np.asarray(values, dtype=np.float64).reshape(-1))
+            for tag, image in dict(images).items():
+                tf.summary.image(tag, image[None])
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _figure(width: float = 5.0, height: float = 3.2):
+    # The object-oriented API with an explicit Agg canvas: no pyplot global state, and it
+    # works headless whatever backend the user selected.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def _to_image(figure) -> np.ndarray:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return tf.image.decode_png(buffer.getvalue(), channels=4).numpy()
+
+
+def render_stem(values: Any, title: str, ylabel: str = "eigenvalue") -> np.ndarray:
+    """A stem plot of ``values`` against their 1-based rank, as a ``(h, w, 4)`` uint8 image."""
+    values = np.asarray(values, dtype=np.float64)
+    figure, axes = _figure()
+    ranks = np.arange(1, len(values) + 1)
+    axes.stem(ranks, values, basefmt="k-")
+    axes.set_xlabel("rank")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    return _to_image(figure)
+
+
+def render_density(grid: Any, density: Any, title: str) -> np.ndarray:
+    """The spectral density on a log scale (as it spans orders of magnitude), as an image."""
+    figure, axes = _figure()
+    density = np.maximum(np.asarray(density, dtype=np.float64), 1e-12)
+    axes.semilogy(np.asarray(grid), density)
+    axes.set_xlabel("eigenvalue")
+    axes.set_ylabel("density")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    return _to_image(figure)
+
+
+def render_heatmap(matrix: Any, title: str, xlabel: str, ylabel: str) -> np.ndarray:
+    """A ``[0, 1]`` heatmap of ``matrix`` with a colour bar, as an image."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    figure, axes = _figure(4.6, 4.0)
+    shown = axes.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    figure.colorbar(shown, ax=axes)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    return _to_image(figure)
+
+
+def model_loss(model: keras.Model, loss: Any, owner: str) -> Any:
+    """The loss to differentiate: ``loss`` if given, else the model's compiled loss.
+
+    A loss *function* given to ``compile`` returns per-sample values that Keras averages,
+    so it is wrapped accordingly.
+
+    Raises:
+        ValueError: no ``loss`` and the compiled loss is missing or not a single loss.
+    """
+    if loss is not None:
+        return loss
+    compiled = getattr(model, "loss", None)
+    if compiled is None:
+        raise ValueError(
+            f"{owner} needs a loss: the model is not compiled with one. Compile the model "
+            "or pass `loss=` (a Keras loss name, a keras.losses.Loss or a callable)."
+        )
+    if isinstance(compiled, (list, tuple, dict)):
+        raise ValueError(
+            f"{owner} cannot use the model's compiled loss {compiled!r} (one per output); "
+            "curvature diagnostics need a single-output model and a single loss: pass `loss=`."
+        )
+    if isinstance(compiled, str) or isinstance(compiled, keras.losses.Loss):
+        return compiled
+    if as_keras_loss(compiled) is not None:
+        return compiled
+    if callable(compiled):
+        # In the variables' dtype: a local function cannot be re-created from its config
+        # with another dtype, and a float32 loss would blur a float64 model's Hessian.
+        variables = model.trainable_variables
+        dtype = variables[0].dtype if variables else None
+        return PerSampleLoss(compiled, dtype=dtype)
+    raise ValueError(f"{owner} cannot use the compiled loss {compiled!r}; pass `loss=`.")
+
+
+def unwrapped_optimizer(model: keras.Model) -> Any:
+    """The model's optimizer, with a ``LossScaleOptimizer`` wrapper removed."""
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def optimizer_summary(model: keras.Model) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Reads the optimizer's ``curvature_summary()`` into scalar and histogram summaries.
+
+    Protocol: an optimizer may define ``curvature_summary() -> dict[str, scalar | vector]``
+    (tensors or arrays). It must only *read* its state. Scalars become ``optimizer/<name>``;
+    a vector becomes a histogram ``optimizer/<name>`` plus one scalar per entry,
+    ``optimizer/<name>_1`` ... ``optimizer/<name>_n``.
+
+    Returns:
+        ``(scalars, histograms)``, both empty when the optimizer has no such method.
+
+    Raises:
+        ValueError: the method returns something other than a mapping of scalars/vectors.
+    """
+    method = getattr(unwrapped_optimizer(model), "curvature_summary", None)
+    if not callable(method):
+        return {}, {}
+    summary = method()
+    if not isinstance(summary, Mapping):
+        raise ValueError(
+            "`optimizer.curvature_summary()` must return a dict name -> scalar or vector; "
+            f"got {type(summary).__name__}."
+        )
+    scalars, histograms = {}, {}
+    for name, value in summary.items():
+        array = np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
+        tag = f"optimizer/{name}"
+        if array.ndim == 0:
+            scalars[tag] = float(array)
+        elif array.ndim == 1:
+            histograms[tag] = array
+            scalars.update({f"{tag}_{i + 1}": float(v) for i, v in enumerate(array)})
+        else:
+            raise ValueError(
+                f"`optimizer.curvature_summary()[{name!r}]` has shape {array.shape}; only "
+                "scalars and vectors are supported."
+            )
+    return scalars, histograms
+
+
+def _unpack_data(data: Any, owner: str) -> tuple[Any, Any, Any]:
+    if isinstance(data, tf.data.Dataset):
+        return data, None, None
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        return (*data, None) if len(data) == 2 else tuple(data)
+    raise ValueError(
+        f"{owner} needs probe data as `(x, y)`, `(x, y, sample_weight)` or a finite "
+        f"tf.data.Dataset of such tuples; got {type(data).__name__}."
+    )
+
+
+class CurvatureCallback(keras.callbacks.Callback):
+    """Keras plumbing shared by the diagnostic callbacks.
+
+    Subclasses implement :meth:`_prepare` (called at ``on_train_begin`` with the model
+    built; build operators there) and :meth:`_measure` (returns the values for ``logs``
+    and writes summaries). Measurements never change the model, the optimizer or any
+    random stream: products use the stateless forward pass and probes come from a NumPy
+    generator seeded with ``seed``.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        every_n_epochs: int | None,
+        every_n_batches: int | None,
+        log_dir: str | os.PathLike | None,
+        loss: Any,
+        batch_size: int | None,
+        training: bool,
+        seed: int,
+    ):
+        super().__init__()
+        owner = type(self).__name__
+        self.x, self.y, self.sample_weight = _unpack_data(data, owner)
+        self.batch_size = _positive_int_or_none(batch_size, "batch_size")
+        # Validate (and materialise) the probe set now, not mid-training.
+        self.probe: ProbeData = probe_data(self.x, self.y, self.sample_weight, self.batch_size)
+        self.schedule = ProbeSchedule(every_n_epochs, every_n_batches)
+        self.writer = CurvatureWriter(log_dir) if log_dir is not None else None
+        self.loss = loss
+        self.training = bool(training)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"`seed` must be an int; got {seed!r}.")
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self._prepared_for = None
+        if self.schedule.every_n_batches is None:
+            # Leave Keras free to dispatch batch ends asynchronously: it only does so when
+            # no callback overrides on_train_batch_end.
+            self.on_train_batch_end = keras.callbacks.Callback.on_train_batch_end.__get__(self)
+
+    # Subclass hooks ----------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _measure(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    # Helpers -----------------------------------------------------------------------------
+
+    def _num_outputs(self) -> int:
+        """Size of the model's last output axis (the number of classes of a classifier)."""
+        first = self.probe.batches[0]
+        values = [v.value for v in self.model.trainable_variables]
+        outputs = stateless_outputs(self.model, values, first.x, False)
+        if isinstance(outputs, (list, tuple, dict)):
+            raise ValueError(
+                f"{type(self).__name__} needs a single-output model; this one has several."
+            )
+        return int(outputs.shape[-1]) if outputs.shape.rank >= 2 else 1
+
+    def _resolved_loss(self) -> Any:
+        return model_loss(self.model, self.loss, type(self).__name__)
+
+    # Keras hooks -------------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self.schedule.reset()
+        # Rebuild only when the model or its set of trainable variables changed.
+        key = (id(self.model), tuple(id(v) for v in self.model.trainable_variables))
+        if key != self._prepared_for:
+            self._prepare()
+            self._prepared_for = key
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.schedule.epoch_begin()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.schedule.batch_end(batch):
+            values = self._measure(self.schedule.global_batch)
+            if logs is not None:
+                logs.update(values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.schedule.epoch_due(epoch):
+            values = self._measure(self.schedule.step(epoch))
+            if logs is not None:
+                # Keras appends History and ProgbarLogger after user callbacks and hands
+                # every callback the same dict, so these keys reach both.
+                logs.update(values)
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,208 @@
+"""``HessianSpectrum``: the top of the Hessian spectrum and its trace, tracked during ``fit``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from keras_curv.callbacks._base import (
+    CurvatureCallback,
+    optimizer_summary,
+    render_density,
+    render_stem,
+)
+from keras_curv.curvature.eigensolvers import METHODS, top_eigenpairs
+from keras_curv.curvature.estimators import hutchinson_trace
+from keras_curv.curvature.operators import HessianOperator
+from keras_curv.curvature.spectral_density import spectral_density
+
+
+class HessianSpectrum(CurvatureCallback):
+    r"""Logs the top-``k`` Hessian eigenvalues and the Hessian trace while a model trains.
+
+    At each scheduled point the callback measures, on a fixed probe set,
+
+    * the ``top_k`` largest eigenvalues :math:`\lambda_1 \ge \dots \ge \lambda_k` of
+      :math:`H = \nabla^2_\theta \frac{1}{N}\sum_\mu w^\mu \ell^\mu`, with
+      :func:`~keras_curv.curvature.top_eigenpairs` warm-started from the previous
+      eigenvectors (the spectrum moves slowly, so later calls need few products);
+    * :math:`\operatorname{tr}(H)` by Hutch++ with ``trace_samples`` products;
+    * optionally (``density=True``) the spectral density by stochastic Lanczos quadrature.
+
+    ``logs["top_eigenvalue"]`` (:math:`\lambda_1`) and ``logs["hessian_trace"]`` are set
+    at the end of each scheduled epoch (and batch, with ``every_n_batches``), so they show
+    in the progress bar and in ``History``, like Keras's ``val_*`` metrics on epochs where
+    validation runs. On unscheduled epochs the keys are absent.
+
+    One :class:`~keras_curv.curvature.HessianOperator` is built at ``on_train_begin`` and
+    reused: it reads the current weights at every product and is traced once. Products use
+    a stateless forward pass and random probes come from ``numpy.random.default_rng(seed)``,
+    so the callback never changes weights, optimizer state, BatchNorm statistics or any
+    Keras/TensorFlow random stream: training is bit-for-bit the same with or without it.
+
+    With ``log_dir``, TensorBoard summaries go to ``<log_dir>/curvature`` (a run of its
+    own, so ``keras.callbacks.TensorBoard`` can share ``log_dir``):
+
+    ============================  ===========  ==========================================
+    tag                           kind         content
+    ============================  ===========  ==========================================
+    ``hessian/eigenvalue_i``      scalar       :math:`\lambda_i`, ``i = 1..top_k``
+    ``hessian/trace``             scalar       Hutch++ estimate of :math:`\operatorname{tr}H`
+    ``hessian/trace_std_error``   scalar       its standard error
+    ``hessian/num_matvecs``       scalar       products spent at this step
+    ``hessian/spectrum``          histogram    the ``top_k`` eigenvalues
+    ``hessian/eigenvalues``       image        stem plot of eigenvalue against rank
+    ``hessian/density``           image        SLQ density (``density=True`` only)
+    ``optimizer/<name>[_i]``      scalar/hist  the optimizer's ``curvature_summary()``
+    ============================  ===========  ==========================================
+
+    The step is the epoch index, or the global batch count once ``every_n_batches`` is set.
+    An optimizer (unwrapped from a ``LossScaleOptimizer``) that defines
+    ``curvature_summary() -> dict`` has its entries logged under ``optimizer/``: scalars as
+    scalars, vectors as a histogram plus one scalar per entry (``optimizer/<name>_1`` ...).
+
+    Args:
+        data: Probe set: ``(x, y)``, ``(x, y, sample_weight)`` or a finite
+            ``tf.data.Dataset`` of such tuples. Validated at construction.
+        top_k: Number of eigenvalues (default: the size of the model's output, i.e. the
+            number of classes C of a classifier). At most the number of parameters.
+        every_n_epochs: Measure at the end of every n-th epoch (``None``: never).
+        every_n_batches: Also measure after every n-th training batch (``None``: never).
+        method: Eigensolver: ``"lanczos"`` (default), ``"nystrom"`` or ``"power"``.
+        log_dir: TensorBoard directory; ``None`` writes nothing.
+        loss: Loss to differentiate (default: the model's compiled loss).
+        tol: Relative tolerance of the eigensolver.
+        trace_samples: Hutch++ products for the trace (at least 3).
+        density: Also estimate and plot the spectral density (TensorBoard only).
+        density_steps: Lanczos steps per SLQ probe.
+        density_probes: Number of SLQ probes.
+        batch_size: Rows per probe batch for array data.
+        training: Evaluate BatchNorm/Dropout in training mode (statelessly).
+        seed: Seed of all random probes.
+
+    Raises:
+        ValueError: bad data or arguments (at construction); ``top_k`` larger than the
+            number of parameters, or no usable loss (at ``on_train_begin``).
+
+    Example:
+        >>> cb = HessianSpectrum((x_val[:256], y_val[:256]), log_dir="logs")
+        >>> history = model.fit(x, y, epochs=5, callbacks=[cb])
+        >>> history.history["top_eigenvalue"]
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        top_k: int | None = None,
+        every_n_epochs: int | None = 1,
+        every_n_batches: int | None = None,
+        method: str = "lanczos",
+        log_dir: str | os.PathLike | None = None,
+        loss: Any = None,
+        tol: float = 1e-3,
+        trace_samples: int = 30,
+        density: bool = False,
+        density_steps: int = 40,
+        density_probes: int = 2,
+        batch_size: int | None = None,
+        training: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(
+            data,
+            every_n_epochs=every_n_epochs,
+            every_n_batches=every_n_batches,
+            log_dir=log_dir,
+            loss=loss,
+            batch_size=batch_size,
+            training=training,
+            seed=seed,
+        )
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+        ):
+            raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+            raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
+        for name, value, low in (
+            ("trace_samples", trace_samples, 3),
+            ("density_steps", density_steps, 1),
+            ("density_probes", density_probes, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
+        self.top_k = None if top_k is None else int(top_k)
+        self.method = method
+        self.tol = float(tol)
+        self.trace_samples = int(trace_samples)
+        self.density = bool(density)
+        self.density_steps = int(density_steps)
+        self.density_probes = int(density_probes)
+        self.operator: HessianOperator | None = None
+        self.eigenvectors: np.ndarray | None = None
+        self.eigenvalues: np.ndarray | None = None
+
+    def _prepare(self) -> None:
+        k = self.top_k if self.top_k is not None else self._num_outputs()
+        self.operator = HessianOperator(
+            self.model,
+            self._resolved_loss(),
+            self.x,
+            self.y,
+            sample_weight=self.sample_weight,
+            training=self.training,
+            batch_size=self.batch_size,
+        )
+        if k > self.operator.dim:
+            raise ValueError(
+                f"`top_k`={k} exceeds the number of trainable parameters ({self.operator.dim}); "
+                "ask for at most that many eigenvalues."
+            )
+        self.k = k
+        self.eigenvectors = None
+
+    def _measure(self, step: int) -> dict[str, float]:
+        op = self.operator
+        start = op.num_matvecs
+        result = top_eigenpairs(
+            op,
+            self.k,
+            method=self.method,
+            tol=self.tol,
+            seed=int(self.rng.integers(2**31)),
+            init=self.eigenvectors,
+        )
+        self.eigenvalues, self.eigenvectors = result.eigenvalues, result.eigenvectors
+        trace = hutchinson_trace(op, self.trace_samples, seed=self.rng)
+        values = {
+            "top_eigenvalue": float(result.eigenvalues[0]),
+            "hessian_trace": float(trace.estimate),
+        }
+        if self.writer is None:
+            return values
+
+        images = {"hessian/eigenvalues": render_stem(result.eigenvalues, f"top-{self.k} at {step}")}
+        if self.density:
+            steps = min(self.density_steps, op.dim)
+            slq = spectral_density(op, steps, self.density_probes, seed=self.rng.integers(2**31))
+            images["hessian/density"] = render_density(
+                slq.grid, slq.density, f"spectral density at {step}"
+            )
+        scalars = {f"hessian/eigenvalue_{i + 1}": v for i, v in enumerate(result.eigenvalues)}
+        scalars.update(
+            {
+                "hessian/trace": trace.estimate,
+                "hessian/trace_std_error": trace.std_error,
+                "hessian/num_matvecs": op.num_matvecs - start,
+            }
+        )
+        histograms = {"hessian/spectrum": result.eigenvalues}
+        optimizer_scalars, optimizer_histograms = optimizer_summary(self.model)
+        scalars.update(optimizer_scalars)
+        histograms.update(optimizer_histograms)
+        self.writer.write(step, scalars=scalars, histograms=histograms, images=images)
+        return values

@@ -1,0 +1,262 @@
+"""``SubspaceAlignment``: do the class gradients span the top Hessian eigenspace? (Appendix C)"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_curv.callbacks._base import CurvatureCallback, render_heatmap, unwrapped_optimizer
+from keras_curv.curvature import _flat
+from keras_curv.curvature._model import stateless_outputs
+from keras_curv.curvature.alignment import (
+    DEFAULT_RANK_RTOL,
+    best_assignment,
+    combined_rank,
+    cosine_matrix,
+    gradient_fraction,
+    principal_angles,
+    subspace_overlap,
+)
+from keras_curv.curvature.class_gradients import class_gradients
+from keras_curv.curvature.eigensolvers import METHODS, top_eigenpairs
+from keras_curv.curvature.operators import HessianOperator, resolve_loss
+
+
+def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, rtol: float) -> dict:
+    """The Appendix C measures of ``directions`` (rows) against ``eigenvectors`` (rows)."""
+    cosines = cosine_matrix(directions, eigenvectors)
+    return {
+        "cosines": cosines,
+        "angles": principal_angles(directions, eigenvectors),
+        "alignment": best_assignment(cosines).mean_cosine,
+        "subspace_overlap": subspace_overlap(directions, eigenvectors),
+        "combined_rank": float(combined_rank(directions, eigenvectors, rtol)),
+    }
+
+
+class SubspaceAlignment(CurvatureCallback):
+    r"""Measures how the per-class gradient directions align with the top Hessian eigenvectors.
+
+    At each scheduled point, on a fixed probe set, the callback computes the class
+    directions :math:`v_k = c_k / \lVert c_k \rVert` from the per-class mean logit
+    gradients :math:`c_k` (eq. 8, :func:`~keras_curv.curvature.class_gradients`), the
+    top-``k`` Hessian eigenvectors :math:`e_j` (warm-started Lanczos, default ``k = C``),
+    and the probe-set gradient :math:`g = \nabla_\theta \frac1N\sum_\mu w^\mu\ell^\mu`, then
+
+    * the cosine matrix :math:`M_{ij} = |v_i^\top e_j|` and the mean cosine of the best
+      one-to-one assignment (Hungarian algorithm): ``logs["alignment"]``;
+    * the principal angles between :math:`\operatorname{span}(V)` and
+      :math:`\operatorname{span}(E)` and the overlap
+      :math:`\lVert Q_V^\top Q_E\rVert_F^2 / C` (mean squared cosine of the angles):
+      ``logs["subspace_overlap"]``;
+    * the numerical rank of :math:`[v_1..v_C, e_1..e_C]` (eq. 18): ``C`` when the spans
+      coincide, ``2C`` when they are disjoint, with relative tolerance ``rank_rtol`` (see
+      :func:`~keras_curv.curvature.combined_rank`): ``logs["combined_rank"]``;
+    * the fraction of :math:`\lVert g \rVert^2` in the top eigenspace,
+      :math:`\lVert E^\top g\rVert^2 / \lVert g\rVert^2`: ``logs["gradient_fraction"]``.
+
+    If the model's optimizer (unwrapped from a ``LossScaleOptimizer``) defines
+    ``class_directions() -> (C, dim)`` (the directions it preconditions, in the flat
+    parameter layout), the same measures are computed for those rows against the
+    eigenvectors and logged with an ``optimizer_`` prefix; its ``gradient_fraction`` is the
+    share of :math:`\lVert g\rVert^2` in the span of the optimizer's directions.
+
+    With ``log_dir``, summaries go to ``<log_dir>/curvature`` (step: the epoch, or the
+    global batch count once ``every_n_batches`` is set):
+
+    ===================================  =========  ===================================
+    tag                                  kind       content
+    ===================================  =========  ===================================
+    ``alignment/assignment_cosine``      scalar     ``logs["alignment"]``
+    ``alignment/subspace_overlap``       scalar     ``logs["subspace_overlap"]``
+    ``alignment/combined_rank``          scalar     ``logs["combined_rank"]``
+    ``alignment/gradient_fraction``      scalar     ``logs["gradient_fraction"]``
+    ``alignment/principal_angles``       histogram  principal angles in degrees
+    ``alignment/cosine_matrix``          image      heatmap of :math:`M`
+    ``alignment/optimizer_<same>``       all above  for ``class_directions()``
+    ===================================  =========  ===================================
+
+    Like :class:`HessianSpectrum`, it never changes training (stateless forward passes,
+    NumPy-seeded probes).
+
+    Args:
+        data: Probe set: ``(x, y)``, ``(x, y, sample_weight)`` or a finite
+            ``tf.data.Dataset``. ``y`` must be class labels (sparse or one-hot).
+        every_n_epochs: Measure at the end of every n-th epoch (``None``: never).
+        every_n_batches: Also measure after every n-th training batch (``None``: never).
+        log_dir: TensorBoard directory; ``None`` writes nothing.
+        top_k: Number of eigenvectors (default: the number of classes C).
+        method: Eigensolver for the eigenvectors.
+        tol: Relative tolerance of the eigensolver.
+        loss: Loss for the Hessian and gradient (default: the compiled loss).
+        rank_rtol: Relative singular-value tolerance of the combined rank.
+        batch_size: Rows per probe batch for array data.
+        training: Evaluate BatchNorm/Dropout in training mode (statelessly).
+        seed: Seed of the eigensolver's random start.
+
+    Raises:
+        ValueError: bad data or arguments (at construction); a model that is not a
+            ``C``-way classifier, ``top_k`` above the parameter count, no usable loss
+            (at ``on_train_begin``).
+
+    Example:
+        >>> cb = SubspaceAlignment((x_val[:256], y_val[:256]), log_dir="logs")
+        >>> model.fit(x, y, epochs=5, callbacks=[cb]).history["alignment"]
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        every_n_epochs: int | None = 1,
+        every_n_batches: int | None = None,
+        log_dir: str | os.PathLike | None = None,
+        top_k: int | None = None,
+        method: str = "lanczos",
+        tol: float = 1e-3,
+        loss: Any = None,
+        rank_rtol: float = DEFAULT_RANK_RTOL,
+        batch_size: int | None = None,
+        training: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(
+            data,
+            every_n_epochs=every_n_epochs,
+            every_n_batches=every_n_batches,
+            log_dir=log_dir,
+            loss=loss,
+            batch_size=batch_size,
+            training=training,
+            seed=seed,
+        )
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+        ):
+            raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+            raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
+        if not (isinstance(rank_rtol, (int, float)) and 0 < rank_rtol < 1):
+            raise ValueError(f"`rank_rtol` must lie in (0, 1); got {rank_rtol!r}.")
+        self.top_k = None if top_k is None else int(top_k)
+        self.method = method
+        self.tol = float(tol)
+        self.rank_rtol = float(rank_rtol)
+        self.operator: HessianOperator | None = None
+        self.eigenvectors: np.ndarray | None = None
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def _prepare(self) -> None:
+        num_classes = self._num_outputs()
+        if num_classes < 2:
+            raise ValueError(
+                "SubspaceAlignment needs a C-way classifier with a (batch, C) output, C >= 2; "
+                f"the model's output has size {num_classes}."
+            )
+        k = self.top_k if self.top_k is not None else num_classes
+        loss = self._resolved_loss()
+        self.operator = HessianOperator(
+            self.model,
+            loss,
+            self.x,
+            self.y,
+            sample_weight=self.sample_weight,
+            training=self.training,
+            batch_size=self.batch_size,
+        )
+        if k > self.operator.dim:
+            raise ValueError(
+                f"`top_k`={k} exceeds the number of trainable parameters ({self.operator.dim}); "
+                "ask for at most that many eigenvectors."
+            )
+        self.k = k
+        self.eigenvectors = None
+        self._gradient = _probe_gradient_fn(
+            self.model, resolve_loss(loss, self.operator.dtype), self.training
+        )
+
+    def _probe_gradient(self) -> np.ndarray:
+        dtype = self.operator.dtype
+        total = None
+        for batch in self.probe.batches:
+            part = self._gradient(
+                batch.x, batch.y, batch.sample_weight, tf.constant(batch.size, dtype)
+            )
+            total = part if total is None else total + part
+        return total.numpy().astype(np.float64) / self.probe.num_samples
+
+    def _optimizer_directions(self) -> np.ndarray | None:
+        method = getattr(unwrapped_optimizer(self.model), "class_directions", None)
+        if not callable(method):
+            return None
+        directions = np.asarray(keras.ops.convert_to_numpy(method()), dtype=np.float64)
+        if directions.ndim != 2 or directions.shape[1] != self.operator.dim:
+            raise ValueError(
+                "`optimizer.class_directions()` must return a (C, dim) array with "
+                f"dim={self.operator.dim} (the flat parameter layout); got {directions.shape}."
+            )
+        return directions
+
+    def _measure(self, step: int) -> dict[str, float]:
+        result = top_eigenpairs(
+            self.operator,
+            self.k,
+            method=self.method,
+            tol=self.tol,
+            seed=int(self.rng.integers(2**31)),
+            init=self.eigenvectors,
+        )
+        self.eigenvectors = result.eigenvectors
+        eig_rows = result.eigenvectors.T
+        gradient = self._probe_gradient()
+        directions = class_gradients(
+            self.model, self.x, self.y, training=self.training, batch_size=self.batch_size
+        ).numpy()
+        groups = {"": directions}
+        optimizer_directions = self._optimizer_directions()
+        if optimizer_directions is not None:
+            groups["optimizer_"] = optimizer_directions
+
+        values: dict[str, float] = {}
+        scalars, histograms, images = {}, {}, {}
+        self.last = {}
+        for prefix, rows in groups.items():
+            measures = alignment_measures(rows, eig_rows, self.rank_rtol)
+            # Class gradients: the share of ||g||^2 in the top eigenspace, ||E^T g||^2/||g||^2;
+            # optimizer directions: the share in the subspace the optimizer preconditions.
+            subspace = rows if prefix else eig_rows
+            measures["gradient_fraction"] = gradient_fraction(gradient, subspace)
+            self.last[prefix] = measures
+            for name in ("alignment", "subspace_overlap", "combined_rank", "gradient_fraction"):
+                values[prefix + name] = float(measures[name])
+                tag = "assignment_cosine" if name == "alignment" else name
+                scalars[f"alignment/{prefix}{tag}"] = measures[name]
+            histograms[f"alignment/{prefix}principal_angles"] = np.degrees(measures["angles"])
+            if self.writer is not None:
+                source = "optimizer direction" if prefix else "class gradient"
+                images[f"alignment/{prefix}cosine_matrix"] = render_heatmap(
+                    measures["cosines"], f"|cos| at {step}", "eigenvector", source
+                )
+        if self.writer is not None:
+            self.writer.write(step, scalars=scalars, histograms=histograms, images=images)
+        return values
+
+
+def _probe_gradient_fn(model: keras.Model, loss_sum, training: bool):
+    """A traced ``(x, y, w, n) -> flat gradient of the summed batch loss``."""
+    variables = list(model.trainable_variables)
+
+    @tf.function(reduce_retracing=True)
+    def batch_gradient(x, y, w, n):
+        params = [v.value for v in variables]
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = loss_sum(y, stateless_outputs(model, params, x, training), w, n)
+        return _flat.flatten(_flat.zeros_for_none(tape.gradient(loss, params), params))
+
+    return batch_gradient
