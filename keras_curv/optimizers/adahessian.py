@@ -372,6 +372,13 @@ class AdaHessian(keras.optimizers.Optimizer):
         self._check_built()
         return self._hessian_iterations
 
+    def _bias_corrected_rms(self) -> list[tf.Tensor]:
+        """``sqrt(v / (1 − β2^τ))`` per variable, in float32 (zeros before any Hessian step)."""
+        self._check_built()
+        tau = tf.cast(self._hessian_iterations, tf.float32)
+        correction = tf.where(tau > 0, 1.0 - tf.pow(self.beta_2, tau), 1.0)
+        return [tf.sqrt(tf.cast(v, tf.float32) / correction) for v in self._hessian_emas]
+
     def mean_curvature(self) -> tf.Tensor:
         """Mean over all parameters of ``sqrt(v / (1 − β2^τ))``, in float32.
 
@@ -379,17 +386,25 @@ class AdaHessian(keras.optimizers.Optimizer):
         summary of the curvature the optimizer currently preconditions with (0
         before the first Hessian step).
         """
-        self._check_built()
-        tau = tf.cast(self._hessian_iterations, tf.float32)
-        correction = tf.where(tau > 0, 1.0 - tf.pow(self.beta_2, tau), 1.0)
-        total = tf.add_n(
-            [
-                tf.reduce_sum(tf.sqrt(tf.cast(v, tf.float32) / correction))
-                for v in self._hessian_emas
-            ]
-        )
-        count = sum(int(tf.size(v)) for v in self._hessian_emas)
-        return total / float(max(count, 1))
+        rms = self._bias_corrected_rms()
+        count = sum(int(tf.size(r)) for r in rms)
+        return tf.add_n([tf.reduce_sum(r) for r in rms]) / float(max(count, 1))
+
+    def curvature_summary(self) -> dict[str, tf.Tensor]:
+        """The curvature state for the diagnostic callbacks (read only).
+
+        Returns:
+            ``hessian_diagonal_rms``: :meth:`mean_curvature`;
+            ``hessian_diagonal_rms_per_variable``: the same mean for each trainable
+            variable, in order (a vector: a histogram and one scalar per variable in
+            TensorBoard); ``hessian_updates``: ``τ``, the number of Hessian steps.
+        """
+        rms = self._bias_corrected_rms()
+        return {
+            "hessian_diagonal_rms": self.mean_curvature(),
+            "hessian_diagonal_rms_per_variable": tf.stack([tf.reduce_mean(r) for r in rms]),
+            "hessian_updates": tf.cast(self._hessian_iterations, tf.float32),
+        }
 
     def _check_built(self) -> None:
         if not self.built:

@@ -472,3 +472,23 @@ def test_curvature_step_trains():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         AdaHessian(**kwargs)
+
+
+def test_curvature_summary_reports_bias_corrected_state():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype("float32"), rng.integers(0, 3, 32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    optimizer = AdaHessian(learning_rate=0.01, update_each=2, seed=1)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 4 steps, 2 Hessian steps
+    summary = {k: np.asarray(v) for k, v in optimizer.curvature_summary().items()}
+    tau = 2.0
+    rms = [np.sqrt(v.numpy() / (1 - optimizer.beta_2**tau)) for v in optimizer.hessian_diagonal_ema]
+    assert summary["hessian_updates"] == tau
+    np.testing.assert_allclose(
+        summary["hessian_diagonal_rms_per_variable"], [r.mean() for r in rms], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        summary["hessian_diagonal_rms"], np.concatenate([r.ravel() for r in rms]).mean(), rtol=1e-5
+    )
