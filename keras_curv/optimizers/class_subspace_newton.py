@@ -32,11 +32,13 @@ docstring).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from keras_curv.curvature import _flat
 from keras_curv.curvature._data import class_targets
 from keras_curv.curvature.class_gradients import class_scores, num_classes_of
 from keras_curv.optimizers import integration
@@ -59,7 +61,10 @@ def _sym_pinv(matrix: tf.Tensor) -> tf.Tensor:
 def _per_class_sq_norm(tensors: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
     """``sum over variables of |t[k]|^2`` for a list of ``(C, *shape)`` tensors -> ``(C,)``."""
     return tf.add_n(
-        [tf.reduce_sum(tf.reshape(tf.cast(t, dtype) ** 2, [tf.shape(t)[0], -1]), 1) for t in tensors]
+        [
+            tf.reduce_sum(tf.reshape(tf.cast(t, dtype) ** 2, [tf.shape(t)[0], -1]), 1)
+            for t in tensors
+        ]
     )
 
 
@@ -78,6 +83,36 @@ def _per_class_dot(left: list[tf.Tensor], right: list[tf.Tensor], dtype: tf.DTyp
 
 def _expand(vector: tf.Tensor, rank: int) -> tf.Tensor:
     return tf.reshape(vector, [-1] + [1] * rank)
+
+
+class _Gate:
+    """Runs a subgraph only when ``predicate`` holds (``Switch``/``Merge`` dead-tensor pruning).
+
+    ``mode`` is ``"none"`` (always run), ``"switch"`` (skip the ops), or ``"mask"``
+    (run always, report nothing on skipped steps; for XLA, which has no dead tensors).
+    """
+
+    def __init__(self, predicate, mode):
+        self.predicate = predicate
+        self.mode = mode if predicate is not None else "none"
+
+    def enter(self, tensor):
+        if self.mode != "switch":
+            return tensor
+        return tf.raw_ops.Switch(data=tensor, pred=self.predicate)[1]
+
+    def exit(self, tensor):
+        if self.mode == "none":
+            return tensor
+        if self.mode == "mask":
+            return tf.where(self.predicate, tensor, tf.zeros_like(tensor))
+        skipped = tf.raw_ops.Switch(data=tf.zeros(tensor.shape, tensor.dtype), pred=self.predicate)
+        return tf.raw_ops.Merge(inputs=[skipped[0], tensor])[0]
+
+    def mask(self, present):
+        if self.mode == "none":
+            return present
+        return tf.logical_and(present, self.predicate)
 
 
 @keras.saving.register_keras_serializable(package="keras_curv")
@@ -120,7 +155,8 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
       :math:`P = I - V S^+ V^\top`; everything reduces to C x C matrices.
     * ``curvature="gauss_newton"``: :math:`\lambda^B_k = v_k^\top G_B v_k`, the
       Gauss–Newton Rayleigh quotient on the batch,
-      :math:`G_B = \frac{1}{|B|}\sum_\mu w_\mu J_\mu^\top(\mathrm{diag}\,p^\mu - p^\mu p^{\mu\top})J_\mu`,
+      :math:`G_B = \frac{1}{|B|}\sum_\mu w_\mu J_\mu^\top
+      (\mathrm{diag}\,p^\mu - p^\mu p^{\mu\top}) J_\mu`,
       with :math:`v_k` the updated direction. :math:`J v_k` is obtained without forward
       mode as :math:`\partial_u \langle J^\top u, v_k\rangle` (double VJP, vectorised over k).
     * ``curvature="projected_newton"``: Newton on the whole C x C block,
@@ -254,9 +290,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         num = self.num_classes
         self._stat_dtype = variables[0].dtype
         self._class_sums = [
-            self.add_variable(
-                (num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}"
-            )
+            self.add_variable((num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}")
             for i, v in enumerate(variables)
         ]
         self._curvature_sq = self.add_variable((num,), dtype=self._stat_dtype, name="curvature_sq")
@@ -309,22 +343,29 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """Bias-corrected c_k (per variable), lambda_k, unit directions v_k (per variable)."""
         dtype = self._stat_dtype
         seen = steps > 0
-        correction = tf.where(seen, 1 - tf.constant(self.gamma, dtype) ** steps, tf.ones_like(steps))
+        gamma = tf.constant(self.gamma, dtype)
+        correction = tf.where(seen, 1 - gamma**steps, tf.ones_like(steps))
         means = [m / tf.cast(_expand(correction, len(m.shape) - 1), m.dtype) for m in sums]
         curvature = tf.where(seen, tf.sqrt(curvature_sq / correction), tf.ones_like(steps))
         norms = tf.sqrt(_per_class_sq_norm(means, dtype))
         safe = tf.where(norms > 0, norms, tf.ones_like(norms))
         inv_norm = tf.where(norms > 0, 1.0 / safe, tf.zeros_like(norms))
-        directions = [
-            c * tf.cast(_expand(inv_norm, len(c.shape) - 1), c.dtype) for c in means
-        ]
-        return means, curvature, directions
+        directions = [c * tf.cast(_expand(inv_norm, len(c.shape) - 1), c.dtype) for c in means]
+        return means, curvature, directions, norms > 0
 
     # ------------------------------------------------------------- statistics
 
     def _batch_statistics(self, batch: integration.TrainBatch, num_classes: int) -> dict:
-        """Per-batch class gradients, counts and curvature, built in the step's graph."""
+        """Per-batch class gradients, counts and curvature, built in the step's graph.
+
+        With ``update_each > 1`` (outside XLA) the backward passes are seeded through a
+        ``Switch`` on the refresh predicate, so on skipped steps their ops receive a
+        dead tensor and do not execute; a ``Merge`` then yields zeros. ``tf.cond`` cannot
+        be used here: gradients taken inside a cond branch stop at the tensors the
+        branch captures from the forward pass.
+        """
         dtype = self._stat_dtype
+        gate = _Gate(self._refresh() if self.update_each > 1 else None, self._gate_mode(batch))
         scores = tf.cast(class_scores(batch.model, batch.y_pred), dtype)
         probs = tf.nn.softmax(scores, axis=-1)
         onehot = class_targets(batch.y, num_classes, dtype)
@@ -335,10 +376,16 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             weights = tf.reshape(tf.cast(batch.sample_weight, dtype), [-1])
         weighted = onehot * weights[:, None]
         counts = tf.reduce_sum(weighted, axis=0)
-        present = counts > 0
-        safe_counts = tf.where(present, counts, tf.ones_like(counts))
+        present = gate.mask(counts > 0)
+        safe_counts = tf.where(counts > 0, counts, tf.ones_like(counts))
         per_class = tf.reduce_sum(weighted * scores, axis=0) / safe_counts
-        class_grads = batch.jacobian(per_class)
+        handles = batch._handles()
+        seeds = gate.enter(tf.eye(num_classes, dtype=per_class.dtype))
+
+        def one_row(unit):
+            return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
+
+        class_grads = [gate.exit(j) for j in tf.vectorized_map(one_row, seeds)]
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
             spread = tf.reduce_sum(weighted * probs * (1 - probs), axis=0) / size
@@ -349,18 +396,20 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         new_sums, _, new_steps = self._updated_state(
             {**stats, "curvature": tf.zeros_like(counts)}, sums, curvature_sq, steps
         )
-        _, _, directions = self._derived(new_sums, curvature_sq, new_steps)
-        block = self._gauss_newton_block(batch, scores, probs, weights, size, directions)
+        _, _, directions, _ = self._derived(new_sums, curvature_sq, new_steps)
+        directions = [gate.enter(d) for d in directions]
+        block = self._gauss_newton_block(
+            handles, scores, gate.enter(tf.zeros_like(scores)), probs, weights, size, directions
+        )
+        block = gate.exit(block)
         stats["curvature"] = tf.linalg.diag_part(block)
         stats["block"] = block
         return stats
 
-    def _gauss_newton_block(self, batch, scores, probs, weights, size, directions):
+    def _gauss_newton_block(self, handles, scores, dummy, probs, weights, size, directions):
         """``K = V^T G_B V`` (C x C) by a double VJP: ``J v = d/du <J^T u, v>``."""
         dtype = self._stat_dtype
-        handles = batch._handles()
-        dummy = tf.zeros_like(scores)
-        # J^T u, linear in u; its u-derivative contracted with v_k is J v_k.
+        # J^T u is linear in u; its u-derivative contracted with v_k is J v_k.
         transposed = tf.gradients(scores, handles, grad_ys=dummy)
         pairs = [(t, d) for t, d in zip(transposed, directions) if t is not None]
         if not pairs:
@@ -373,14 +422,29 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             )
             return tf.zeros_like(dummy) if out is None else out
 
-        jv = tf.vectorized_map(jvp, [d for _, d in pairs])  # (C, B, C)
-        jv = tf.cast(jv, dtype)
+        jv = tf.cast(tf.vectorized_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
         # (diag p - p p^T) J v_l, per sample.
         hjv = probs[None] * jv - probs[None] * tf.reduce_sum(probs[None] * jv, -1, keepdims=True)
         return tf.einsum("kbc,lbc,b->kl", jv, hjv, weights) / size
 
     def _refresh(self) -> tf.Tensor:
         return tf.equal(self.iterations % self.update_each, 0)
+
+    def _gate_mode(self, batch) -> str:
+        if self.update_each == 1:
+            return "none"
+        if getattr(batch.model, "jit_compile", False):
+            if not getattr(self, "_warned_xla", False):
+                self._warned_xla = True
+                warnings.warn(
+                    f"{type(self).__name__}(update_each={self.update_each}) under jit_compile: "
+                    "XLA has no dead-branch pruning for the Jacobian, so the class statistics "
+                    "are computed every step and absorbed only every update_each steps. "
+                    "Compile without jit_compile to skip their cost.",
+                    stacklevel=3,
+                )
+            return "mask"
+        return "switch"
 
     # ----------------------------------------------------------------- update
 
@@ -393,10 +457,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         num_classes = num_classes_of(batch.model, batch.y_pred)
         self._ensure_class_state(num_classes)
         with batch.step_graph():
-            if self.update_each == 1:
-                stats = self._batch_statistics(batch, num_classes)
-            else:
-                stats = self._conditional_statistics(batch, num_classes)
+            stats = self._batch_statistics(batch, num_classes)
         self._pending = stats
         try:
             return super().apply(grads, trainable_variables)
@@ -404,32 +465,6 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             self._pending = None
             self._coefficients = None
             self._step_directions = None
-
-    def _conditional_statistics(self, batch, num_classes):
-        """Statistics under ``tf.cond``: skipped steps never run the Jacobian."""
-        keys = ["present", "class_gradients", "curvature"]
-        if self.curvature_mode != "paper":
-            keys.append("block")
-
-        def compute():
-            stats = self._batch_statistics(batch, num_classes)
-            return [stats[k] for k in keys]
-
-        def skip():
-            num = num_classes
-            out = [
-                tf.zeros((num,), tf.bool),
-                [tf.zeros((num, *v.shape), v.dtype) for v in batch.variables],
-                tf.zeros((num,), self._stat_dtype),
-            ]
-            if self.curvature_mode != "paper":
-                out.append(tf.zeros((num, num), self._stat_dtype))
-            return out
-
-        values = tf.cond(self._refresh(), compute, skip)
-        stats = dict(zip(keys, values))
-        stats["class_gradients"] = list(stats["class_gradients"])
-        return stats
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         stats = self._pending
@@ -453,13 +488,16 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             )
             self.assign(self._subspace_curvature, block)
 
-        _, curvature, directions = self._derived(new_sums, new_sq, new_steps)
+        _, curvature, directions, alive = self._derived(new_sums, new_sq, new_steps)
         indices = [self._get_variable_index(v) for v in trainable_variables]
         lr = tf.cast(learning_rate, dtype)
         projections = _per_class_dot(
             [directions[i] for i in indices], [tf.convert_to_tensor(g) for g in grads], dtype
         )
-        self._coefficients = self._coefficients_for(curvature, directions, projections, lr, block)
+        coefficients = self._coefficients_for(curvature, directions, projections, lr, block)
+        # A class without a direction (never seen, or a zero class gradient) takes no
+        # Newton step; this also keeps 1/lambda = inf (lambda = 0) from reaching 0 * inf.
+        self._coefficients = tf.where(alive, coefficients, tf.zeros_like(coefficients))
         self._step_directions = directions
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
