@@ -454,6 +454,13 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             variables = trainable_variables or batch.variables
             with keras.name_scope(self.name, caller=self):
                 self.build(list(variables))
+        if isinstance(batch.y_pred, (list, tuple, dict)):
+            # num_classes_of reads `.shape` before its own nest check.
+            raise ValueError(
+                f"{type(self).__name__} needs a C-way classifier with one output of shape "
+                f"(batch, C); model {batch.model.name!r} has {len(batch.y_pred)} outputs. "
+                "Multi-output models have no single class subspace."
+            )
         num_classes = num_classes_of(batch.model, batch.y_pred)
         self._ensure_class_state(num_classes)
         with batch.step_graph():

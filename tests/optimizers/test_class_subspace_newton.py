@@ -366,3 +366,260 @@ def test_beats_sgd_on_uncentred_features():
     _, csn = _train_losses(ClassSubspaceNewton(0.3, curvature="gauss_newton"), x, y)
     sgd = [_train_losses(keras.optimizers.SGD(lr), x, y)[1] for lr in (0.003, 0.01, 0.03, 0.1)]
     assert csn < 0.75 * min(sgd), (csn, sgd)
+
+
+# ------------------------------------------------------------- Keras integration
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data[:300] / 16.0).astype("float32")
+    return x, data.target[:300].astype("int64")
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(32, activation="tanh")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def _digits_model(kind, softmax_dtype=None):
+    keras.utils.set_random_seed(0)
+    if kind == "sequential":
+        return keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
+        )
+    if kind == "functional":
+        inputs = keras.Input((64,))
+        hidden = keras.layers.Dense(32, activation="tanh")(inputs)
+        logits = keras.layers.Dense(10)(hidden)
+        outputs = keras.layers.Activation("softmax", dtype=softmax_dtype)(logits)
+        return keras.Model(inputs, outputs)
+    return SubclassedNet()
+
+
+# Settings that train every variant of a small MLP (the paper's momentum 0.9; a unit
+# damping keeps early Newton steps of the paper's curvature in check).
+_TRAINS = {"learning_rate": 0.05, "momentum": 0.9, "damping": 1.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, jit, spe, opt_kwargs",
+    [
+        ("sequential", False, 1, {}),
+        ("functional", True, 3, {"curvature": "gauss_newton", "inverse": "exact"}),
+        ("subclassed", False, 3, {"curvature": "projected_newton"}),
+        ("subclassed", True, 1, {"curvature": "gauss_newton"}),
+        ("functional", False, 1, {"update_each": 5}),
+    ],
+    ids=[
+        "seq-paper",
+        "func-jit-spe3-exact",
+        "subclassed-spe3-projected",
+        "subclassed-jit-gn",
+        "update5",
+    ],
+)
+def test_digits_training(digits, kind, jit, spe, opt_kwargs):
+    x, y = digits
+    model = _digits_model(kind)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=kind != "functional")
+    opt = ClassSubspaceNewton(**_TRAINS, **opt_kwargs)
+    model.compile(
+        optimizer=opt, loss=loss, metrics=["accuracy"], jit_compile=jit, steps_per_execution=spe
+    )
+    start = model.evaluate(x, y, verbose=0)[0]
+    history = model.fit(x, y, batch_size=50, epochs=4, shuffle=False, verbose=0).history
+    end, accuracy = model.evaluate(x, y, verbose=0)
+    assert np.all(np.isfinite(history["loss"]))
+    assert end < 0.75 * start, (start, end)  # SGD(0.05) reaches ~0.8 here
+    assert accuracy > 0.5
+    assert int(opt.iterations) == 24
+    if opt_kwargs.get("update_each") == 5:
+        np.testing.assert_array_equal(opt.class_counts.numpy(), np.full(10, 5.0))  # 0,5,..,20
+
+
+@pytest.mark.slow
+def test_mixed_float16(digits):
+    x, y = digits
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _digits_model("functional", softmax_dtype="float32")
+        opt = ClassSubspaceNewton(**_TRAINS, curvature="gauss_newton")
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        start = model.evaluate(x, y, verbose=0)[0]
+        model.fit(x, y, batch_size=50, epochs=4, shuffle=False, verbose=0)
+        end = model.evaluate(x, y, verbose=0)[0]
+        assert np.isfinite(end) and end < 0.6 * start
+        assert opt.curvature.dtype == tf.float32
+        assert np.all(opt.class_counts.numpy() > 0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_update_each_skips_the_jacobian_outside_xla():
+    """Skipped steps leave the class EMAs bit-identical (their statistics never ran)."""
+    model, opt, expected, _ = _fit_and_compare({"update_each": 2}, {"update_each": 2}, epochs=1)
+    np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(opt.class_counts.numpy(), [2, 2, 2])
+
+
+def test_keras_features_schedule_clipnorm_weight_decay_ema(digits):
+    x, y = digits
+    model = _digits_model("sequential")
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=5, decay_rate=0.5)
+    opt = ClassSubspaceNewton(
+        schedule, curvature="gauss_newton", clipnorm=1.0, weight_decay=1e-3, use_ema=True
+    )
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=100, epochs=2, shuffle=False, verbose=0)
+    assert np.isfinite(model.evaluate(x, y, verbose=0))
+    restored = ClassSubspaceNewton.from_config(opt.get_config())
+    assert isinstance(restored.learning_rate, tf.Tensor) or restored.get_config()["learning_rate"]
+    assert restored.get_config() == opt.get_config()
+    assert opt.get_config()["num_classes"] == 10
+
+
+def test_save_load_resume_equals_uninterrupted(tmp_path, digits):
+    x, y = digits
+    x, y = x[:120], y[:120]
+
+    def compiled():
+        model = _digits_model("sequential")
+        model.compile(
+            optimizer=ClassSubspaceNewton(0.1, curvature="gauss_newton", momentum=0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return model
+
+    straight = compiled()
+    straight.fit(x, y, batch_size=40, epochs=4, shuffle=False, verbose=0)
+
+    first = compiled()
+    first.fit(x, y, batch_size=40, epochs=2, shuffle=False, verbose=0)
+    path = os.path.join(tmp_path, "csn.keras")
+    first.save(path)
+    resumed = keras.models.load_model(path)
+    assert isinstance(resumed.optimizer, ClassSubspaceNewton)
+    assert resumed.optimizer.get_config() == first.optimizer.get_config()
+    for a, b in zip(resumed.optimizer.variables, first.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed.fit(x, y, batch_size=40, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(resumed.get_weights(), straight.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed.optimizer.curvature, straight.optimizer.curvature, rtol=1e-5)
+
+
+def test_eager_apply_gradients_raises_and_curvature_step_works():
+    x, y = _data()
+    model = _linear_model()
+    opt = ClassSubspaceNewton(0.1)
+    model(x[:1])
+    with pytest.raises(CurvatureContextError, match="curvature_step"):
+        opt.apply_gradients(
+            zip([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables)
+        )
+    # The explicit path equals the golden NumPy transcription too.
+    model = _linear_model()
+    theta0 = _theta(model)
+    opt = ClassSubspaceNewton(0.1)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    batches = []
+    for start in (0, 6, 12):
+        xb, yb = x[start : start + 6], y[start : start + 6]
+        curvature_step(model, opt, loss, tf.constant(xb), tf.constant(yb))
+        batches.append((xb, yb, None))
+    expected, _ = numpy_csn(theta0, batches, lr=float(np.float32(0.1)))
+    np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"gamma": 1.0}, "gamma"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"damping": -1.0}, "damping"),
+        ({"curvature": "hessian"}, "curvature"),
+        ({"inverse": "cholesky"}, "inverse"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"max_inverse_curvature": 0.0}, "max_inverse_curvature"),
+        ({"update_each": 0}, "update_each"),
+        ({"num_classes": 1}, "num_classes"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassSubspaceNewton(**kwargs)
+
+
+@pytest.mark.parametrize("head", ["regression", "sigmoid", "multi_output"])
+def test_non_classifiers_are_rejected(head):
+    x = np.random.RandomState(0).randn(16, D).astype("float32")
+    inputs = keras.Input((D,))
+    if head == "regression":
+        model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+        y, loss = np.zeros((16, 1), "float32"), "mse"
+    elif head == "sigmoid":
+        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+        y, loss = np.zeros((16, 1), "float32"), "binary_crossentropy"
+    else:
+        model = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(3)(inputs)])
+        y, loss = (
+            (np.zeros(16, "int64"), np.zeros(16, "int64")),
+            ["sparse_categorical_crossentropy"] * 2,
+        )
+    model.compile(optimizer=ClassSubspaceNewton(), loss=loss)
+    with pytest.raises(ValueError, match="classifier with one output"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+
+
+def test_num_classes_mismatch_is_rejected():
+    x, y = _data()
+    model = _linear_model()
+    model.compile(
+        optimizer=ClassSubspaceNewton(num_classes=5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with pytest.raises(ValueError, match="5 classes"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+
+
+def test_diagnostics_before_training_raise():
+    with pytest.raises(ValueError, match="train at least one step"):
+        _ = ClassSubspaceNewton().curvature
+
+
+def test_gauss_newton_curvature_on_an_mlp_matches_the_dense_ggn():
+    from keras_curv.curvature.operators import GGNOperator
+
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((D,), dtype="float64"),
+            keras.layers.Dense(5, activation="tanh", dtype="float64"),
+            keras.layers.Dense(C, dtype="float64"),
+        ]
+    )
+    start = [v.numpy() for v in model.trainable_variables]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    opt = ClassSubspaceNewton(0.1, curvature="gauss_newton")
+    model.compile(optimizer=opt, loss=loss)
+    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)  # one step: t_k = 1
+    V = opt.class_directions.numpy()
+    for variable, value in zip(model.trainable_variables, start):
+        variable.assign(value)
+    G = np.asarray(GGNOperator(model, loss, x, y).to_dense())
+    np.testing.assert_allclose(opt.curvature.numpy(), np.einsum("kd,de,ke->k", V, G, V), rtol=1e-6)
