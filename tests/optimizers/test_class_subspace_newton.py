@@ -441,7 +441,7 @@ def test_digits_training(digits, kind, jit, spe, opt_kwargs):
     end, accuracy = model.evaluate(x, y, verbose=0)
     assert np.all(np.isfinite(history["loss"]))
     assert end < 0.75 * start, (start, end)  # SGD(0.05) reaches ~0.8 here
-    assert accuracy > 0.5
+    assert accuracy > 0.4  # chance: 0.1
     assert int(opt.iterations) == 24
     if opt_kwargs.get("update_each") == 5:
         np.testing.assert_array_equal(opt.class_counts.numpy(), np.full(10, 5.0))  # 0,5,..,20
