@@ -81,6 +81,35 @@ def _per_class_dot(left: list[tf.Tensor], right: list[tf.Tensor], dtype: tf.DTyp
     )
 
 
+def _under_xla() -> bool:
+    """Whether ops built now are compiled by XLA (``jit_compile``)."""
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        context = graph._get_control_flow_context()
+        while context is not None:
+            if context.IsXLAContext():
+                return True
+            context = context.outer_context
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _stacked_map(fn, elems):
+    """``tf.vectorized_map(fn, elems)`` whose ``fn`` differentiates tensors of the step.
+
+    Under XLA, ``vectorized_map`` runs ``fn`` inside a nested ``tf.function``, where
+    gradients stop at the captured forward tensors (they come back as ``None``). There
+    the C rows are unrolled instead; XLA compiles them together.
+    """
+    if not _under_xla():
+        return tf.vectorized_map(fn, elems)
+    flat = tf.nest.flatten(elems)
+    rows = [
+        fn(tf.nest.pack_sequence_as(elems, [e[i] for e in flat])) for i in range(flat[0].shape[0])
+    ]
+    return tf.nest.map_structure(lambda *parts: tf.stack(parts), *rows)
+
+
 def _expand(vector: tf.Tensor, rank: int) -> tf.Tensor:
     return tf.reshape(vector, [-1] + [1] * rank)
 
@@ -167,7 +196,15 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
       caps :math:`1/\lambda_k` (i.e. floors :math:`\lambda_k`).
     * ``update_each=k`` refreshes the class statistics (the Jacobian and curvature)
       only on steps whose iteration count is a multiple of k; other steps reuse the
-      stored EMAs.
+      stored EMAs. Without XLA the statistics' ops do not run on skipped steps; under
+      ``jit_compile`` they run every step and are discarded (a warning says so).
+
+    Cost: one vectorised Jacobian of C per-class sums per refresh (C reverse passes);
+    ``"gauss_newton"``/``"projected_newton"`` add one reverse pass and C
+    double-backward passes. A class with a zero direction takes no Newton step;
+    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) gives an
+    infinite eq. 15 step, which ``damping`` or ``max_inverse_curvature`` prevent. With
+    ``gradient_accumulation_steps`` the statistics come from the last micro-batch.
 
     Args:
         learning_rate: :math:`\eta`, a float or a Keras learning-rate schedule.
@@ -385,7 +422,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         def one_row(unit):
             return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
-        class_grads = [gate.exit(j) for j in tf.vectorized_map(one_row, seeds)]
+        class_grads = [gate.exit(j) for j in _stacked_map(one_row, seeds)]
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
             spread = tf.reduce_sum(weighted * probs * (1 - probs), axis=0) / size
@@ -422,7 +459,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             )
             return tf.zeros_like(dummy) if out is None else out
 
-        jv = tf.cast(tf.vectorized_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
+        jv = tf.cast(_stacked_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
         # (diag p - p p^T) J v_l, per sample.
         hjv = probs[None] * jv - probs[None] * tf.reduce_sum(probs[None] * jv, -1, keepdims=True)
         return tf.einsum("kbc,lbc,b->kl", jv, hjv, weights) / size
