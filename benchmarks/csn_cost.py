@@ -8,8 +8,10 @@ Usage::
 
     PYTHONPATH=. python benchmarks/csn_cost.py [--steps 20] [--repeats 3]
 
-Measured (2-core CPU, TF 2.21): see the JSON; ratios are reported for plain graph
-execution and for XLA.
+Ratios are reported for plain graph execution and for XLA. On a shared 2-core CPU
+(TF 2.21) CSN with ``update_each=1`` measured about 7x SGD in graph mode and 3.6x under
+XLA; ``update_each=5`` about 2.7-3.7x in graph mode (pfor's loop-invariant ops still
+run on skipped steps). Figures move by ~30% with load from other processes.
 """
 
 from __future__ import annotations
