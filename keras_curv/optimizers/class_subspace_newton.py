@@ -1,0 +1,636 @@
+r"""Quasi-Newton in the class-gradient subspace (class-subspace paper, eq. 5–17).
+
+The batch Hessian of softmax cross-entropy is dominated by a rank-C term spanned
+by the per-class mean logit gradients :math:`c_k`. Treating the normalised
+directions :math:`v_k = c_k/|c_k|` as orthogonal, the paper takes a Newton step
+in their span and an SGD step in the complement (eq. 15):
+
+.. math::
+    \theta \leftarrow \theta - \eta g
+        - \sum_k \Big(\frac{1}{\lambda_k} - \eta\Big) (v_k^\top g)\, v_k ,
+
+with bias-corrected moving averages of the batch class gradients and a root
+mean square of the batch curvatures (eq. 16–17):
+
+.. math::
+    c_k = \frac{1-\gamma}{1-\gamma^t} \sum_i \gamma^{t-i} c^{B(i)}_k, \qquad
+    \lambda_k = \sqrt{\frac{1-\gamma}{1-\gamma^t}
+        \sum_i \gamma^{t-i} \big(\lambda^{B(i)}_k\big)^2}, \qquad
+    \lambda^B_k = \frac{1}{|B|} \sum_{\mu\in B} y^\mu_k p^\mu_k (1-p^\mu_k)\,|c^B_k|^2 .
+
+With the defaults (``curvature="paper"``, ``inverse="diagonal"``, ``momentum=0``,
+no damping, no cap, ``update_each=1``) the update is exactly eq. 15–17.
+
+Eq. 17 counts only class-k samples, while the Gauss–Newton curvature along
+:math:`v_k` gets :math:`p_k(1-p_k)` from every sample; early in training it can
+underestimate the curvature by up to a factor C and the Newton step overshoots
+(the faithful method diverges on a 3-class softmax regression with
+:math:`\eta = 0.1`). ``curvature="gauss_newton"`` and
+``curvature="projected_newton"`` are calibrated alternatives (see the class
+docstring).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_curv.curvature import _flat
+from keras_curv.curvature._data import class_targets
+from keras_curv.curvature.class_gradients import class_scores, num_classes_of
+from keras_curv.optimizers import integration
+
+_CURVATURES = ("paper", "gauss_newton", "projected_newton")
+_INVERSES = ("diagonal", "exact")
+# Relative eigenvalue cut-off of the C x C pseudo-inverses (Gram and curvature matrices).
+_PINV_RTOL = 1e-10
+
+
+def _sym_pinv(matrix: tf.Tensor) -> tf.Tensor:
+    """Pseudo-inverse of a small symmetric PSD matrix, by eigendecomposition (XLA-friendly)."""
+    values, vectors = tf.linalg.eigh(matrix)
+    cutoff = tf.reduce_max(tf.abs(values)) * tf.constant(_PINV_RTOL, matrix.dtype)
+    keep = tf.abs(values) > cutoff
+    inv = tf.where(keep, 1.0 / tf.where(keep, values, tf.ones_like(values)), tf.zeros_like(values))
+    return tf.matmul(vectors * inv[None, :], vectors, transpose_b=True)
+
+
+def _per_class_sq_norm(tensors: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    """``sum over variables of |t[k]|^2`` for a list of ``(C, *shape)`` tensors -> ``(C,)``."""
+    return tf.add_n(
+        [
+            tf.reduce_sum(tf.reshape(tf.cast(t, dtype) ** 2, [tf.shape(t)[0], -1]), 1)
+            for t in tensors
+        ]
+    )
+
+
+def _per_class_dot(left: list[tf.Tensor], right: list[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    """``sum over variables of <left[k], right>`` for ``(C, *shape)`` and ``shape`` tensors."""
+    return tf.add_n(
+        [
+            tf.linalg.matvec(
+                tf.reshape(tf.cast(a, dtype), [tf.shape(a)[0], -1]),
+                tf.reshape(tf.cast(b, dtype), [-1]),
+            )
+            for a, b in zip(left, right)
+        ]
+    )
+
+
+def _under_xla() -> bool:
+    """Whether ops built now are compiled by XLA (``jit_compile``)."""
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        context = graph._get_control_flow_context()
+        while context is not None:
+            if context.IsXLAContext():
+                return True
+            context = context.outer_context
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _stacked_map(fn, elems):
+    """``tf.vectorized_map(fn, elems)`` whose ``fn`` differentiates tensors of the step.
+
+    Under XLA, ``vectorized_map`` runs ``fn`` inside a nested ``tf.function``, where
+    gradients stop at the captured forward tensors (they come back as ``None``). There
+    the C rows are unrolled instead; XLA compiles them together.
+    """
+    if not _under_xla():
+        return tf.vectorized_map(fn, elems)
+    flat = tf.nest.flatten(elems)
+    rows = [
+        fn(tf.nest.pack_sequence_as(elems, [e[i] for e in flat])) for i in range(flat[0].shape[0])
+    ]
+    return tf.nest.map_structure(lambda *parts: tf.stack(parts), *rows)
+
+
+def _expand(vector: tf.Tensor, rank: int) -> tf.Tensor:
+    return tf.reshape(vector, [-1] + [1] * rank)
+
+
+class _Gate:
+    """Runs a subgraph only when ``predicate`` holds (``Switch``/``Merge`` dead-tensor pruning).
+
+    ``mode`` is ``"none"`` (always run), ``"switch"`` (skip the ops), or ``"mask"``
+    (run always, report nothing on skipped steps; for XLA, which has no dead tensors).
+    """
+
+    def __init__(self, predicate, mode):
+        self.predicate = predicate
+        self.mode = mode if predicate is not None else "none"
+
+    def enter(self, tensor):
+        if self.mode != "switch":
+            return tensor
+        return tf.raw_ops.Switch(data=tensor, pred=self.predicate)[1]
+
+    def exit(self, tensor):
+        if self.mode == "none":
+            return tensor
+        if self.mode == "mask":
+            return tf.where(self.predicate, tensor, tf.zeros_like(tensor))
+        skipped = tf.raw_ops.Switch(data=tf.zeros(tensor.shape, tensor.dtype), pred=self.predicate)
+        return tf.raw_ops.Merge(inputs=[skipped[0], tensor])[0]
+
+    def mask(self, present):
+        if self.mode == "none":
+            return present
+        return tf.logical_and(present, self.predicate)
+
+
+@keras.saving.register_keras_serializable(package="keras_curv")
+class ClassSubspaceNewton(keras.optimizers.Optimizer):
+    r"""Newton in the class-gradient subspace, SGD in its complement (eq. 15–17).
+
+    Each step uses the batch's class scores :math:`z` (logits, or log-probabilities
+    when the model ends in a softmax; :math:`\mathrm{softmax}(z) = p` either way)
+    and labels (sparse or one-hot):
+
+    1. Batch class gradients :math:`c^B_k = \frac{1}{n_k}\sum_{\mu: y^\mu=k} \nabla z^\mu_k`
+       (one vectorised Jacobian of the C per-class sums) and the batch curvature
+       :math:`\lambda^B_k` (eq. 17, or a Gauss–Newton alternative).
+    2. Bias-corrected EMAs :math:`c_k`, :math:`\lambda_k` (eq. 16–17), updated with the
+       current batch *before* the step. Each class keeps its own step count
+       :math:`t_k`: a class absent from the batch keeps its EMAs and count unchanged.
+       With :math:`t_k = 0`, :math:`c_k = 0` (so :math:`v_k = 0`) and :math:`\lambda_k = 1`.
+    3. The step :math:`d = \eta g + \sum_k a_k v_k` with
+       :math:`a_k = (1/\lambda_k - \eta)(v_k^\top g)` (eq. 15), where :math:`g` is the
+       gradient Keras passes on (unscaled, clipped) and :math:`|\cdot|` and the dot
+       products run over all trainable variables together. With momentum
+       :math:`\mu > 0`: ``buf <- mu * buf + d; theta <- theta - buf`` (heavy ball on the
+       whole step; the paper's experiments used 0.9); with :math:`\mu = 0`,
+       ``theta <- theta - d``.
+
+    Sample weights :math:`w` (from ``fit``) weight both the class means and the
+    curvature the way Keras's ``"sum_over_batch_size"`` loss does:
+    :math:`c^B_k = \sum_\mu w_\mu y^\mu_k \nabla z^\mu_k / \sum_\mu w_\mu y^\mu_k` and
+    :math:`\lambda^B_k = \frac{1}{|B|}\sum_\mu w_\mu y^\mu_k p^\mu_k(1-p^\mu_k)|c^B_k|^2`;
+    a class whose weights sum to zero counts as absent. Sparse labels outside
+    ``[0, C)`` give an all-zero one-hot row inside a traced step (the sample joins no
+    class); eager data checks raise ``ValueError``.
+
+    Options beyond the paper (all off by default):
+
+    * ``inverse="exact"``: drop the orthogonality assumption. With
+      :math:`V = [v_1..v_C]`, :math:`\Lambda = \mathrm{diag}(\lambda)`, :math:`S = V^\top V`,
+      the Newton part is the pseudo-inverse :math:`(V\Lambda V^\top)^+ g =
+      V (S\Lambda S)^+ V^\top g` and the SGD part uses the exact projection
+      :math:`P = I - V S^+ V^\top`; everything reduces to C x C matrices.
+    * ``curvature="gauss_newton"``: :math:`\lambda^B_k = v_k^\top G_B v_k`, the
+      Gauss–Newton Rayleigh quotient on the batch,
+      :math:`G_B = \frac{1}{|B|}\sum_\mu w_\mu J_\mu^\top
+      (\mathrm{diag}\,p^\mu - p^\mu p^{\mu\top}) J_\mu`,
+      with :math:`v_k` the updated direction. :math:`J v_k` is obtained without forward
+      mode as :math:`\partial_u \langle J^\top u, v_k\rangle` (double VJP, vectorised over k).
+    * ``curvature="projected_newton"``: Newton on the whole C x C block,
+      :math:`K = V^\top G_B V` (from the last statistics refresh), step
+      :math:`\theta \leftarrow \theta - \eta P g - V (K + \delta I)^+ V^\top g`
+      with :math:`\delta` = ``damping``.
+    * ``damping`` is added to every :math:`\lambda_k` and ``max_inverse_curvature``
+      caps :math:`1/\lambda_k` (i.e. floors :math:`\lambda_k`).
+    * ``update_each=k`` refreshes the class statistics (the Jacobian and curvature)
+      only on steps whose iteration count is a multiple of k; other steps reuse the
+      stored EMAs. Without XLA the statistics' ops do not run on skipped steps; under
+      ``jit_compile`` they run every step and are discarded (a warning says so).
+
+    Cost: one vectorised Jacobian of C per-class sums per refresh (C reverse passes);
+    ``"gauss_newton"``/``"projected_newton"`` add one reverse pass and C
+    double-backward passes. A class with a zero direction takes no Newton step;
+    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) gives an
+    infinite eq. 15 step, which ``damping`` or ``max_inverse_curvature`` prevent. With
+    ``gradient_accumulation_steps`` the statistics come from the last micro-batch.
+
+    Args:
+        learning_rate: :math:`\eta`, a float or a Keras learning-rate schedule.
+        gamma: EMA decay :math:`\gamma \in (0, 1)` of eq. 16–17.
+        momentum: Heavy-ball momentum on the whole step, in ``[0, 1)``.
+        curvature: ``"paper"`` (eq. 17), ``"gauss_newton"`` or ``"projected_newton"``.
+        inverse: ``"diagonal"`` (eq. 13–15) or ``"exact"``.
+        damping: Non-negative value added to each :math:`\lambda_k` (to :math:`K` for
+            ``"projected_newton"``).
+        max_inverse_curvature: Optional positive cap on :math:`1/\lambda_k`.
+        update_each: Refresh class statistics every this many steps (>= 1).
+        num_classes: Number of classes C. Discovered from the model output on the
+            first traced step when ``None``; stored in the config afterwards so a
+            reloaded optimizer rebuilds its state with the right shape.
+        name: Optimizer name.
+        **kwargs: Standard Keras optimizer arguments (``weight_decay``, ``clipnorm``,
+            ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ...).
+
+    Raises:
+        ValueError: invalid arguments; or, when the step is traced, a model whose
+            output is not a single ``(batch, C)`` classifier output with ``C >= 2``.
+
+    Example:
+        >>> model.compile(optimizer=keras_curv.optimizers.ClassSubspaceNewton(0.05),
+        ...               loss="sparse_categorical_crossentropy")
+        >>> model.fit(x, y, batch_size=128)
+        >>> model.optimizer.curvature        # lambda_k, shape (C,)
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.1,
+        gamma: float = 0.9,
+        momentum: float = 0.0,
+        curvature: str = "paper",
+        inverse: str = "diagonal",
+        damping: float = 0.0,
+        max_inverse_curvature: float | None = None,
+        update_each: int = 1,
+        num_classes: int | None = None,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str = "class_subspace_newton",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        if not 0.0 < float(gamma) < 1.0:
+            raise ValueError(f"`gamma` must lie in (0, 1); got {gamma}.")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must lie in [0, 1); got {momentum}.")
+        if curvature not in _CURVATURES:
+            raise ValueError(f"`curvature` must be one of {_CURVATURES}; got {curvature!r}.")
+        if inverse not in _INVERSES:
+            raise ValueError(f"`inverse` must be one of {_INVERSES}; got {inverse!r}.")
+        if float(damping) < 0.0:
+            raise ValueError(f"`damping` must be non-negative; got {damping}.")
+        if max_inverse_curvature is not None and float(max_inverse_curvature) <= 0.0:
+            raise ValueError(
+                f"`max_inverse_curvature` must be positive or None; got {max_inverse_curvature}."
+            )
+        if int(update_each) != update_each or int(update_each) < 1:
+            raise ValueError(f"`update_each` must be an integer >= 1; got {update_each}.")
+        if num_classes is not None and int(num_classes) < 2:
+            raise ValueError(f"`num_classes` must be >= 2 or None; got {num_classes}.")
+        self.gamma = float(gamma)
+        self.momentum = float(momentum)
+        self.curvature_mode = curvature
+        self.inverse = inverse
+        self.damping = float(damping)
+        self.max_inverse_curvature = (
+            None if max_inverse_curvature is None else float(max_inverse_curvature)
+        )
+        self.update_each = int(update_each)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self._class_state_built = False
+        self._pending = None
+        self._coefficients = None
+        self._step_directions = None
+
+    # ------------------------------------------------------------------ state
+
+    def build(self, variables):
+        """Creates momentum buffers and, once C is known, the class statistics."""
+        if self.built:
+            return
+        super().build(variables)
+        self._momentums = []
+        if self.momentum > 0:
+            self._momentums = [
+                self.add_variable_from_reference(v, name="momentum") for v in variables
+            ]
+        if self.num_classes is not None:
+            self._build_class_state()
+
+    def _build_class_state(self):
+        """``(C, *shape)`` EMA sums per variable, ``(C,)`` curvature EMA and counts."""
+        if self._class_state_built:
+            return
+        variables = self._trainable_variables
+        num = self.num_classes
+        self._stat_dtype = variables[0].dtype
+        self._class_sums = [
+            self.add_variable((num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}")
+            for i, v in enumerate(variables)
+        ]
+        self._curvature_sq = self.add_variable((num,), dtype=self._stat_dtype, name="curvature_sq")
+        self._class_steps = self.add_variable((num,), dtype=self._stat_dtype, name="class_steps")
+        if self.curvature_mode == "projected_newton":
+            self._subspace_curvature = self.add_variable(
+                (num, num), dtype=self._stat_dtype, name="subspace_curvature"
+            )
+        self._class_state_built = True
+
+    def _ensure_class_state(self, num_classes: int):
+        if self.num_classes is not None and self.num_classes != num_classes:
+            raise ValueError(
+                f"{type(self).__name__} was set up for {self.num_classes} classes but the "
+                f"model outputs {num_classes}. Use a fresh optimizer for a different model."
+            )
+        self.num_classes = num_classes
+        if not self._class_state_built:
+            # Slots need C, known only once a step is traced: create them eagerly,
+            # outside the function being traced.
+            with tf.init_scope():
+                self._build_class_state()
+
+    def _read_state(self):
+        return (
+            [tf.convert_to_tensor(m) for m in self._class_sums],
+            tf.convert_to_tensor(self._curvature_sq),
+            tf.convert_to_tensor(self._class_steps),
+        )
+
+    def _updated_state(self, stats, sums, curvature_sq, steps):
+        """EMA sums after absorbing the batch statistics (classes present only)."""
+        gamma = tf.constant(self.gamma, self._stat_dtype)
+        present = stats["present"]
+        new_sums = [
+            tf.where(
+                _expand(present, len(m.shape) - 1),
+                tf.cast(gamma, m.dtype) * m + tf.cast(1 - gamma, m.dtype) * tf.cast(cb, m.dtype),
+                m,
+            )
+            for m, cb in zip(sums, stats["class_gradients"])
+        ]
+        new_sq = tf.where(
+            present, gamma * curvature_sq + (1 - gamma) * stats["curvature"] ** 2, curvature_sq
+        )
+        new_steps = steps + tf.cast(present, steps.dtype)
+        return new_sums, new_sq, new_steps
+
+    def _derived(self, sums, curvature_sq, steps):
+        """Bias-corrected c_k (per variable), lambda_k, unit directions v_k (per variable)."""
+        dtype = self._stat_dtype
+        seen = steps > 0
+        gamma = tf.constant(self.gamma, dtype)
+        correction = tf.where(seen, 1 - gamma**steps, tf.ones_like(steps))
+        means = [m / tf.cast(_expand(correction, len(m.shape) - 1), m.dtype) for m in sums]
+        curvature = tf.where(seen, tf.sqrt(curvature_sq / correction), tf.ones_like(steps))
+        norms = tf.sqrt(_per_class_sq_norm(means, dtype))
+        safe = tf.where(norms > 0, norms, tf.ones_like(norms))
+        inv_norm = tf.where(norms > 0, 1.0 / safe, tf.zeros_like(norms))
+        directions = [c * tf.cast(_expand(inv_norm, len(c.shape) - 1), c.dtype) for c in means]
+        return means, curvature, directions, norms > 0
+
+    # ------------------------------------------------------------- statistics
+
+    def _batch_statistics(self, batch: integration.TrainBatch, num_classes: int) -> dict:
+        """Per-batch class gradients, counts and curvature, built in the step's graph.
+
+        With ``update_each > 1`` (outside XLA) the backward passes are seeded through a
+        ``Switch`` on the refresh predicate, so on skipped steps their ops receive a
+        dead tensor and do not execute; a ``Merge`` then yields zeros. ``tf.cond`` cannot
+        be used here: gradients taken inside a cond branch stop at the tensors the
+        branch captures from the forward pass.
+        """
+        dtype = self._stat_dtype
+        gate = _Gate(self._refresh() if self.update_each > 1 else None, self._gate_mode(batch))
+        scores = tf.cast(class_scores(batch.model, batch.y_pred), dtype)
+        probs = tf.nn.softmax(scores, axis=-1)
+        onehot = class_targets(batch.y, num_classes, dtype)
+        size = tf.cast(tf.shape(scores)[0], dtype)
+        if batch.sample_weight is None:
+            weights = tf.ones_like(scores[:, 0])
+        else:
+            weights = tf.reshape(tf.cast(batch.sample_weight, dtype), [-1])
+        weighted = onehot * weights[:, None]
+        counts = tf.reduce_sum(weighted, axis=0)
+        present = gate.mask(counts > 0)
+        safe_counts = tf.where(counts > 0, counts, tf.ones_like(counts))
+        per_class = tf.reduce_sum(weighted * scores, axis=0) / safe_counts
+        handles = batch._handles()
+        seeds = gate.enter(tf.eye(num_classes, dtype=per_class.dtype))
+
+        def one_row(unit):
+            return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
+
+        class_grads = [gate.exit(j) for j in _stacked_map(one_row, seeds)]
+        stats = {"present": present, "class_gradients": class_grads}
+        if self.curvature_mode == "paper":
+            spread = tf.reduce_sum(weighted * probs * (1 - probs), axis=0) / size
+            stats["curvature"] = spread * _per_class_sq_norm(class_grads, dtype)
+            return stats
+        # Gauss-Newton curvature along the *updated* directions.
+        sums, curvature_sq, steps = self._read_state()
+        new_sums, _, new_steps = self._updated_state(
+            {**stats, "curvature": tf.zeros_like(counts)}, sums, curvature_sq, steps
+        )
+        _, _, directions, _ = self._derived(new_sums, curvature_sq, new_steps)
+        directions = [gate.enter(d) for d in directions]
+        block = self._gauss_newton_block(
+            handles, scores, gate.enter(tf.zeros_like(scores)), probs, weights, size, directions
+        )
+        block = gate.exit(block)
+        stats["curvature"] = tf.linalg.diag_part(block)
+        stats["block"] = block
+        return stats
+
+    def _gauss_newton_block(self, handles, scores, dummy, probs, weights, size, directions):
+        """``K = V^T G_B V`` (C x C) by a double VJP: ``J v = d/du <J^T u, v>``."""
+        dtype = self._stat_dtype
+        # J^T u is linear in u; its u-derivative contracted with v_k is J v_k.
+        transposed = tf.gradients(scores, handles, grad_ys=dummy)
+        pairs = [(t, d) for t, d in zip(transposed, directions) if t is not None]
+        if not pairs:
+            return tf.zeros((self.num_classes, self.num_classes), dtype)
+        lhs = [t for t, _ in pairs]
+
+        def jvp(direction_slices):
+            (out,) = tf.gradients(
+                lhs, dummy, grad_ys=[tf.cast(s, t.dtype) for s, t in zip(direction_slices, lhs)]
+            )
+            return tf.zeros_like(dummy) if out is None else out
+
+        jv = tf.cast(_stacked_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
+        # (diag p - p p^T) J v_l, per sample.
+        hjv = probs[None] * jv - probs[None] * tf.reduce_sum(probs[None] * jv, -1, keepdims=True)
+        return tf.einsum("kbc,lbc,b->kl", jv, hjv, weights) / size
+
+    def _refresh(self) -> tf.Tensor:
+        return tf.equal(self.iterations % self.update_each, 0)
+
+    def _gate_mode(self, batch) -> str:
+        if self.update_each == 1:
+            return "none"
+        if getattr(batch.model, "jit_compile", False):
+            if not getattr(self, "_warned_xla", False):
+                self._warned_xla = True
+                warnings.warn(
+                    f"{type(self).__name__}(update_each={self.update_each}) under jit_compile: "
+                    "XLA has no dead-branch pruning for the Jacobian, so the class statistics "
+                    "are computed every step and absorbed only every update_each steps. "
+                    "Compile without jit_compile to skip their cost.",
+                    stacklevel=3,
+                )
+            return "mask"
+        return "switch"
+
+    # ----------------------------------------------------------------- update
+
+    def apply(self, grads, trainable_variables=None):
+        batch = integration.current_batch(self)
+        if not self.built:
+            variables = trainable_variables or batch.variables
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(variables))
+        if isinstance(batch.y_pred, (list, tuple, dict)):
+            # num_classes_of reads `.shape` before its own nest check.
+            raise ValueError(
+                f"{type(self).__name__} needs a C-way classifier with one output of shape "
+                f"(batch, C); model {batch.model.name!r} has {len(batch.y_pred)} outputs. "
+                "Multi-output models have no single class subspace."
+            )
+        num_classes = num_classes_of(batch.model, batch.y_pred)
+        self._ensure_class_state(num_classes)
+        with batch.step_graph():
+            stats = self._batch_statistics(batch, num_classes)
+        self._pending = stats
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._pending = None
+            self._coefficients = None
+            self._step_directions = None
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        stats = self._pending
+        if stats is None:
+            raise integration.CurvatureContextError(
+                integration.USAGE.format(name=type(self).__name__)
+            )
+        dtype = self._stat_dtype
+        sums, curvature_sq, steps = self._read_state()
+        new_sums, new_sq, new_steps = self._updated_state(stats, sums, curvature_sq, steps)
+        for slot, value in zip(self._class_sums, new_sums):
+            self.assign(slot, value)
+        self.assign(self._curvature_sq, new_sq)
+        self.assign(self._class_steps, new_steps)
+        block = None
+        if self.curvature_mode == "projected_newton":
+            block = tf.where(
+                tf.reduce_any(stats["present"]),
+                stats["block"],
+                tf.convert_to_tensor(self._subspace_curvature),
+            )
+            self.assign(self._subspace_curvature, block)
+
+        _, curvature, directions, alive = self._derived(new_sums, new_sq, new_steps)
+        indices = [self._get_variable_index(v) for v in trainable_variables]
+        lr = tf.cast(learning_rate, dtype)
+        projections = _per_class_dot(
+            [directions[i] for i in indices], [tf.convert_to_tensor(g) for g in grads], dtype
+        )
+        coefficients = self._coefficients_for(curvature, directions, projections, lr, block)
+        # A class without a direction (never seen, or a zero class gradient) takes no
+        # Newton step; this also keeps 1/lambda = inf (lambda = 0) from reaching 0 * inf.
+        self._coefficients = tf.where(alive, coefficients, tf.zeros_like(coefficients))
+        self._step_directions = directions
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _effective_curvature(self, curvature):
+        curvature = curvature + tf.constant(self.damping, curvature.dtype)
+        if self.max_inverse_curvature is not None:
+            floor = tf.constant(1.0 / self.max_inverse_curvature, curvature.dtype)
+            curvature = tf.maximum(curvature, floor)
+        return curvature
+
+    def _coefficients_for(self, curvature, directions, projections, lr, block):
+        """``a`` with step ``d = lr g + sum_k a_k v_k``."""
+        dtype = self._stat_dtype
+        if self.curvature_mode != "projected_newton" and self.inverse == "diagonal":
+            return (1.0 / self._effective_curvature(curvature) - lr) * projections
+        flat = tf.concat(
+            [tf.reshape(tf.cast(d, dtype), [self.num_classes, -1]) for d in directions], 1
+        )
+        gram = tf.matmul(flat, flat, transpose_b=True)
+        gram_pinv = _sym_pinv(gram)
+        if self.curvature_mode == "projected_newton":
+            eye = tf.eye(self.num_classes, dtype=dtype)
+            newton = _sym_pinv(block + tf.constant(self.damping, dtype) * eye)
+        else:
+            lam = self._effective_curvature(curvature)
+            newton = _sym_pinv(tf.matmul(gram * lam[None, :], gram))
+        return tf.linalg.matvec(newton - lr * gram_pinv, projections)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """``d = lr g + sum_k a_k v_k[variable]``; ``theta -= d`` (or heavy ball on d)."""
+        index = self._get_variable_index(variable)
+        gradient = tf.convert_to_tensor(gradient)
+        lr = tf.cast(learning_rate, variable.dtype)
+        coefficients = tf.cast(self._coefficients, variable.dtype)
+        direction = tf.cast(self._step_directions[index], variable.dtype)
+        step = lr * tf.cast(gradient, variable.dtype) + tf.tensordot(coefficients, direction, 1)
+        if self.momentum > 0:
+            buffer = self._momentums[index]
+            self.assign(buffer, tf.constant(self.momentum, variable.dtype) * buffer + step)
+            self.assign_sub(variable, buffer)
+        else:
+            self.assign_sub(variable, step)
+
+    # ------------------------------------------------------------ diagnostics
+
+    def _check_state(self):
+        if not self._class_state_built:
+            raise ValueError(
+                "The class statistics do not exist yet: train at least one step "
+                "(or pass `num_classes`) first."
+            )
+
+    @property
+    def curvature(self) -> tf.Tensor:
+        """The curvatures :math:`\\lambda_k`, shape ``(C,)`` (1 for classes not yet seen)."""
+        self._check_state()
+        return self._derived(*self._read_state())[1]
+
+    @property
+    def class_means(self) -> list[tf.Tensor]:
+        """The bias-corrected class gradients :math:`c_k`, per variable ``(C, *shape)``."""
+        self._check_state()
+        return self._derived(*self._read_state())[0]
+
+    @property
+    def class_directions(self) -> tf.Tensor:
+        """The unit directions :math:`v_k` in the flat layout, shape ``(C, dim)``."""
+        self._check_state()
+        directions = self._derived(*self._read_state())[2]
+        return tf.concat([tf.reshape(d, [self.num_classes, -1]) for d in directions], 1)
+
+    @property
+    def class_counts(self) -> tf.Tensor:
+        """How many statistics updates each class received (:math:`t_k`), shape ``(C,)``."""
+        self._check_state()
+        return tf.convert_to_tensor(self._class_steps)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "gamma": self.gamma,
+                "momentum": self.momentum,
+                "curvature": self.curvature_mode,
+                "inverse": self.inverse,
+                "damping": self.damping,
+                "max_inverse_curvature": self.max_inverse_curvature,
+                "update_each": self.update_each,
+                "num_classes": self.num_classes,
+            }
+        )
+        return config
