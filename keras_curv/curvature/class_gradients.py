@@ -56,8 +56,13 @@ def num_classes_of(model: keras.Model, outputs: tf.Tensor) -> int:
     Raises:
         ValueError: the output is not ``(batch, C)`` with ``C >= 2``.
     """
-    shape = outputs.shape
-    if isinstance(outputs, (list, tuple, dict)) or shape.rank != 2 or (shape[-1] or 0) < 2:
+    shape = getattr(outputs, "shape", None)
+    if (
+        isinstance(outputs, (list, tuple, dict))
+        or shape is None
+        or shape.rank != 2
+        or ((shape[-1] or 0) < 2)
+    ):
         raise ValueError(
             "Class gradients need a C-way classifier with one output of shape (batch, C), C >= 2; "
             f"model {model.name!r} produces {getattr(outputs, 'shape', type(outputs).__name__)}. "

@@ -14,7 +14,6 @@ from typing import Any
 import keras
 import tensorflow as tf
 from keras import ops
-from tensorflow.python.ops import control_flow_util
 
 from keras_curv.curvature import _flat
 from keras_curv.optimizers import integration
@@ -257,41 +256,21 @@ class AdaHessian(keras.optimizers.Optimizer):
 
         if self.n_samples == 1:
             estimates = estimate(signs[0])
-        elif control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-            # Under XLA, vectorized_map's fallback cannot differentiate the step's
-            # tensors (it would silently yield zeros): unroll the probes instead.
-            per_probe = [estimate(signs[s]) for s in range(self.n_samples)]
-            estimates = [tf.add_n(list(e)) / self.n_samples for e in zip(*per_probe)]
         else:
-            estimates = tf.vectorized_map(estimate, signs)
+            estimates = integration.stacked_map(estimate, signs)
             estimates = [tf.reduce_mean(e, axis=0) for e in estimates]
         return [_spatial_average(tf.abs(e)) for e in estimates]
 
     def _lazy_hessian_diagonals(self, batch, signs, is_hessian_step) -> list:
         """``D`` computed only when ``is_hessian_step`` holds (zeros otherwise).
 
-        ``tf.cond`` cannot be used: its branch is a separate function, in which the
-        step's gradients cannot be differentiated again. A ``Switch``/``Merge`` pair
-        in the step's own graph has the same effect: on skipped steps the probes are
-        dead tensors, so every op of the Hessian-vector products (all of which
-        depend on the probes) is not executed. XLA does not compile ``Switch``;
-        under ``jit_compile`` the products are therefore computed at every step and
-        only the use of ``D`` (the update of ``v``) is skipped.
+        Every op of the Hessian-vector products depends on the probes, so gating the
+        probes skips them all (see :class:`~keras_curv.optimizers.integration.StepGate`).
+        Under XLA the products run at every step and only the use of ``D`` (the update
+        of ``v``) is skipped.
         """
-        in_xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-        if in_xla:
-            return self._hessian_diagonals(batch, signs)
-        skipped_signs, live_signs = tf.raw_ops.Switch(data=signs, pred=is_hessian_step)
-        diagonals = self._hessian_diagonals(batch, live_signs)
-        # A zero that is dead exactly when the products are live, so Merge sees one input.
-        dead_zero = tf.cast(tf.reshape(skipped_signs, [-1])[0] * 0, diagonals[0].dtype)
-        merged = []
-        for d in diagonals:
-            zeros = tf.fill(tf.shape(d), tf.cast(dead_zero, d.dtype))
-            value, _ = tf.raw_ops.Merge(inputs=[d, zeros])
-            value.set_shape(d.shape)
-            merged.append(value)
-        return merged
+        gate = integration.StepGate(is_hessian_step)
+        return [gate.exit(d) for d in self._hessian_diagonals(batch, gate.enter(signs))]
 
     def apply(self, grads: list, trainable_variables: list | None = None):
         """Builds this step's Hessian-diagonal estimate, then applies the update."""

@@ -81,67 +81,8 @@ def _per_class_dot(left: list[tf.Tensor], right: list[tf.Tensor], dtype: tf.DTyp
     )
 
 
-def _under_xla() -> bool:
-    """Whether ops built now are compiled by XLA (``jit_compile``)."""
-    graph = tf.compat.v1.get_default_graph()
-    while graph is not None:
-        context = graph._get_control_flow_context()
-        while context is not None:
-            if context.IsXLAContext():
-                return True
-            context = context.outer_context
-        graph = getattr(graph, "outer_graph", None)
-    return False
-
-
-def _stacked_map(fn, elems):
-    """``tf.vectorized_map(fn, elems)`` whose ``fn`` differentiates tensors of the step.
-
-    Under XLA, ``vectorized_map`` runs ``fn`` inside a nested ``tf.function``, where
-    gradients stop at the captured forward tensors (they come back as ``None``). There
-    the C rows are unrolled instead; XLA compiles them together.
-    """
-    if not _under_xla():
-        return tf.vectorized_map(fn, elems)
-    flat = tf.nest.flatten(elems)
-    rows = [
-        fn(tf.nest.pack_sequence_as(elems, [e[i] for e in flat])) for i in range(flat[0].shape[0])
-    ]
-    return tf.nest.map_structure(lambda *parts: tf.stack(parts), *rows)
-
-
 def _expand(vector: tf.Tensor, rank: int) -> tf.Tensor:
     return tf.reshape(vector, [-1] + [1] * rank)
-
-
-class _Gate:
-    """Runs a subgraph only when ``predicate`` holds (``Switch``/``Merge`` dead-tensor pruning).
-
-    ``mode`` is ``"none"`` (always run), ``"switch"`` (skip the ops), or ``"mask"``
-    (run always, report nothing on skipped steps; for XLA, which has no dead tensors).
-    """
-
-    def __init__(self, predicate, mode):
-        self.predicate = predicate
-        self.mode = mode if predicate is not None else "none"
-
-    def enter(self, tensor):
-        if self.mode != "switch":
-            return tensor
-        return tf.raw_ops.Switch(data=tensor, pred=self.predicate)[1]
-
-    def exit(self, tensor):
-        if self.mode == "none":
-            return tensor
-        if self.mode == "mask":
-            return tf.where(self.predicate, tensor, tf.zeros_like(tensor))
-        skipped = tf.raw_ops.Switch(data=tf.zeros(tensor.shape, tensor.dtype), pred=self.predicate)
-        return tf.raw_ops.Merge(inputs=[skipped[0], tensor])[0]
-
-    def mask(self, present):
-        if self.mode == "none":
-            return present
-        return tf.logical_and(present, self.predicate)
 
 
 @keras.saving.register_keras_serializable(package="keras_curv")
@@ -402,7 +343,8 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         branch captures from the forward pass.
         """
         dtype = self._stat_dtype
-        gate = _Gate(self._refresh() if self.update_each > 1 else None, self._gate_mode(batch))
+        self._warn_if_gate_cannot_skip()
+        gate = integration.StepGate(self._refresh() if self.update_each > 1 else None)
         scores = tf.cast(class_scores(batch.model, batch.y_pred), dtype)
         probs = tf.nn.softmax(scores, axis=-1)
         onehot = class_targets(batch.y, num_classes, dtype)
@@ -422,7 +364,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         def one_row(unit):
             return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
-        class_grads = [gate.exit(j) for j in _stacked_map(one_row, seeds)]
+        class_grads = [gate.exit(j) for j in integration.stacked_map(one_row, seeds)]
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
             spread = tf.reduce_sum(weighted * probs * (1 - probs), axis=0) / size
@@ -459,7 +401,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             )
             return tf.zeros_like(dummy) if out is None else out
 
-        jv = tf.cast(_stacked_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
+        jv = tf.cast(integration.stacked_map(jvp, [d for _, d in pairs]), dtype)  # (C, B, C)
         # (diag p - p p^T) J v_l, per sample.
         hjv = probs[None] * jv - probs[None] * tf.reduce_sum(probs[None] * jv, -1, keepdims=True)
         return tf.einsum("kbc,lbc,b->kl", jv, hjv, weights) / size
@@ -467,21 +409,18 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     def _refresh(self) -> tf.Tensor:
         return tf.equal(self.iterations % self.update_each, 0)
 
-    def _gate_mode(self, batch) -> str:
-        if self.update_each == 1:
-            return "none"
-        if getattr(batch.model, "jit_compile", False):
-            if not getattr(self, "_warned_xla", False):
-                self._warned_xla = True
-                warnings.warn(
-                    f"{type(self).__name__}(update_each={self.update_each}) under jit_compile: "
-                    "XLA has no dead-branch pruning for the Jacobian, so the class statistics "
-                    "are computed every step and absorbed only every update_each steps. "
-                    "Compile without jit_compile to skip their cost.",
-                    stacklevel=3,
-                )
-            return "mask"
-        return "switch"
+    def _warn_if_gate_cannot_skip(self) -> None:
+        if self.update_each == 1 or not integration.under_xla():
+            return
+        if not getattr(self, "_warned_xla", False):
+            self._warned_xla = True
+            warnings.warn(
+                f"{type(self).__name__}(update_each={self.update_each}) under jit_compile: "
+                "XLA has no dead-branch pruning for the Jacobian, so the class statistics "
+                "are computed every step and absorbed only every update_each steps. "
+                "Compile without jit_compile to skip their cost.",
+                stacklevel=3,
+            )
 
     # ----------------------------------------------------------------- update
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from keras_curv._losses import as_keras_loss
 from keras_curv.curvature import _flat
@@ -54,6 +55,72 @@ USAGE = (
     "call `keras_curv.optimizers.curvature_step(model, optimizer, loss, x, y)` instead of "
     "`optimizer.apply_gradients`."
 )
+
+
+def under_xla() -> bool:
+    """Whether ops built now will be compiled by XLA (``jit_compile``)."""
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def stacked_map(fn: Callable, elems: Any) -> Any:
+    """``tf.vectorized_map(fn, elems)`` for an ``fn`` that differentiates tensors of the step.
+
+    Under XLA, ``vectorized_map`` runs ``fn`` inside a nested function where gradients
+    stop at the captured forward tensors and silently come back as ``None``. There the
+    rows are unrolled instead, and XLA compiles them together.
+    """
+    if not under_xla():
+        return tf.vectorized_map(fn, elems)
+    flat = tf.nest.flatten(elems)
+    rows = [
+        fn(tf.nest.pack_sequence_as(elems, [e[i] for e in flat])) for i in range(flat[0].shape[0])
+    ]
+    return tf.nest.map_structure(lambda *parts: tf.stack(parts), *rows)
+
+
+class StepGate:
+    """Runs per-batch statistics only on the steps where ``predicate`` holds.
+
+    ``tf.cond`` cannot be used: its branches are separate functions, in which the
+    step's tensors cannot be differentiated again. Instead the inputs of the
+    statistics pass through a ``Switch`` (:meth:`enter`): on skipped steps they are
+    dead tensors, so none of the ops that depend on them execute, and a ``Merge``
+    (:meth:`exit`) yields zeros. XLA compiles no ``Switch``: under ``jit_compile`` the
+    statistics run at every step and :meth:`exit` masks them to zeros on skipped steps.
+
+    Args:
+        predicate: Boolean scalar tensor, or ``None`` for "every step" (no gating).
+    """
+
+    def __init__(self, predicate: tf.Tensor | None):
+        self.predicate = predicate
+        if predicate is None:
+            self.mode = "none"
+        else:
+            self.mode = "mask" if under_xla() else "switch"
+
+    def enter(self, tensor: tf.Tensor) -> tf.Tensor:
+        """``tensor`` on live steps, a dead tensor on skipped steps."""
+        if self.mode != "switch":
+            return tensor
+        return tf.raw_ops.Switch(data=tensor, pred=self.predicate)[1]
+
+    def exit(self, tensor: tf.Tensor) -> tf.Tensor:
+        """``tensor`` on live steps, zeros on skipped steps."""
+        if self.mode == "none":
+            return tensor
+        if self.mode == "mask":
+            return tf.where(self.predicate, tensor, tf.zeros_like(tensor))
+        skipped = tf.raw_ops.Switch(data=tf.zeros(tensor.shape, tensor.dtype), pred=self.predicate)
+        merged = tf.raw_ops.Merge(inputs=[skipped[0], tensor])[0]
+        merged.set_shape(tensor.shape)
+        return merged
+
+    def mask(self, flags: tf.Tensor) -> tf.Tensor:
+        """Boolean ``flags`` that are all false on skipped steps."""
+        if self.mode == "none":
+            return flags
+        return tf.logical_and(flags, self.predicate)
 
 
 @dataclass
@@ -116,7 +183,8 @@ class TrainBatch:
     def jacobian(self, ys: tf.Tensor) -> list[tf.Tensor]:
         """The Jacobian of a small vector ``ys`` of shape ``(C,)``: per variable ``(C, *shape)``.
 
-        The C reverse passes are vectorised with ``tf.vectorized_map`` (pfor).
+        The C reverse passes are vectorised with ``tf.vectorized_map`` (pfor), or
+        unrolled under XLA (see :func:`stacked_map`).
         """
         with self.graph.as_default():
             num = int(ys.shape[0])
@@ -126,7 +194,7 @@ class TrainBatch:
                 grads = tf.gradients(ys, handles, grad_ys=unit)
                 return _flat.zeros_for_none(grads, handles)
 
-            return tf.vectorized_map(one_row, tf.eye(num, dtype=ys.dtype))
+            return stacked_map(one_row, tf.eye(num, dtype=ys.dtype))
 
     def hessian_vector_product(self, tangents: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """``H v`` of the *unscaled* training loss, by reverse-over-reverse on the step's graph."""

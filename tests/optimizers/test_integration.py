@@ -145,3 +145,49 @@ def test_used_without_a_batch_raises_usage_error(data):
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", run_eagerly=True)
     with pytest.raises(CurvatureContextError, match="eagerly"):
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+
+class JacobianRecorder(keras.optimizers.SGD):
+    """Records the Jacobian of the batch's summed outputs, as built by the integration."""
+
+    def apply(self, grads, trainable_variables=None):
+        batch = integration.current_batch(self)
+        with batch.step_graph():
+            summed = tf.reduce_sum(tf.cast(batch.y_pred, tf.float64), axis=0)  # (C,)
+            rows = batch.jacobian(summed)
+            flat = tf.concat([tf.reshape(tf.cast(r, tf.float64), [3, -1]) for r in rows], 1)
+        self.recorded.assign(flat)
+        return super().apply(grads, trainable_variables)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_jacobian_is_exact_with_and_without_xla(data, jit_compile):
+    x, y = data
+    model = make_model()
+    optimizer = JacobianRecorder(learning_rate=0.0)
+    dim = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    optimizer.recorded = tf.Variable(tf.zeros((3, dim), tf.float64), trainable=False)
+    model.compile(
+        optimizer=optimizer, loss="sparse_categorical_crossentropy", jit_compile=jit_compile
+    )
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    with tf.GradientTape() as tape:
+        summed = tf.reduce_sum(model(x), axis=0)
+    expected = tape.jacobian(summed, model.trainable_variables)
+    expected = np.concatenate([e.numpy().reshape(3, -1) for e in expected], axis=1)
+    recorded = optimizer.recorded.numpy()
+    assert np.abs(recorded).max() > 1e-3  # XLA once made these silently zero
+    np.testing.assert_allclose(recorded, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_step_gate_skips_or_masks():
+    predicate = tf.Variable(False)
+
+    @tf.function(jit_compile=False)
+    def gated():
+        gate = integration.StepGate(tf.convert_to_tensor(predicate))
+        return gate.exit(gate.enter(tf.constant([1.0, 2.0])) * 3.0)
+
+    np.testing.assert_array_equal(gated().numpy(), [0.0, 0.0])
+    predicate.assign(True)
+    np.testing.assert_array_equal(gated().numpy(), [3.0, 6.0])
