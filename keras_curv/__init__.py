@@ -3,6 +3,13 @@
 __version__ = "0.1.0"
 
 from keras_curv import curvature, optimizers  # noqa: E402
-from keras_curv.optimizers import AdaHessian  # noqa: E402
+from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, curvature_step  # noqa: E402
 
-__all__ = ["AdaHessian", "curvature", "optimizers", "__version__"]
+__all__ = [
+    "AdaHessian",
+    "ClassSubspaceNewton",
+    "curvature",
+    "curvature_step",
+    "optimizers",
+    "__version__",
+]

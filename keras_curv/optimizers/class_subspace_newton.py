@@ -545,12 +545,32 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         self._check_state()
         return self._derived(*self._read_state())[0]
 
-    @property
     def class_directions(self) -> tf.Tensor:
-        """The unit directions :math:`v_k` in the flat layout, shape ``(C, dim)``."""
+        """The unit directions :math:`v_k` in the flat layout, shape ``(C, dim)``.
+
+        A method (not a property) because it is the diagnostic callbacks' protocol:
+        :class:`~keras_curv.callbacks.SubspaceAlignment` compares these rows with the
+        top Hessian eigenvectors.
+        """
         self._check_state()
         directions = self._derived(*self._read_state())[2]
         return tf.concat([tf.reshape(d, [self.num_classes, -1]) for d in directions], 1)
+
+    def curvature_summary(self) -> dict[str, tf.Tensor]:
+        r"""The curvature state for the diagnostic callbacks (read only).
+
+        Returns:
+            ``curvature``: :math:`\lambda_k` per class; ``inverse_curvature``: the
+            Newton step sizes :math:`1/\lambda_k` (after damping and cap);
+            ``class_updates``: :math:`t_k` per class. Each is a ``(C,)`` vector (a
+            histogram and one scalar per class in TensorBoard).
+        """
+        curvature = self.curvature
+        return {
+            "curvature": curvature,
+            "inverse_curvature": 1.0 / self._effective_curvature(curvature),
+            "class_updates": tf.cast(self.class_counts, curvature.dtype),
+        }
 
     @property
     def class_counts(self) -> tf.Tensor:

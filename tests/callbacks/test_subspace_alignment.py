@@ -185,3 +185,42 @@ def test_training_is_bit_for_bit_unchanged(tmp_path):
     # The BatchNorm moving statistics did move (so the comparison is not vacuous).
     moving_mean = [v for v in probed.variables if "moving_mean" in v.path][0]
     assert np.any(moving_mean.numpy() != 0)
+
+
+def test_class_subspace_newton_state_reaches_logs_and_tensorboard(tmp_path):
+    """End to end: the optimizer's own directions and curvature reach the diagnostics."""
+    pytest.importorskip("tensorboard")
+    import keras_curv
+    from keras_curv.callbacks import HessianSpectrum, SubspaceAlignment
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype("float32"), np.arange(60) % 3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+    )
+    optimizer = keras_curv.ClassSubspaceNewton(learning_rate=0.05, curvature="gauss_newton")
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=30,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            HessianSpectrum((x, y), every_n_epochs=1, log_dir=str(tmp_path)),
+            SubspaceAlignment((x, y), every_n_epochs=1, log_dir=str(tmp_path)),
+        ],
+    )
+    assert "optimizer_alignment" in history.history
+    assert 0.0 <= history.history["optimizer_alignment"][-1] <= 1.0 + 1e-9
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "curvature"), size_guidance={"tensors": 0}).Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"optimizer/curvature_1", "optimizer/inverse_curvature_3"} <= tags
+    logged = events.Tensors("optimizer/curvature_2")[-1]
+    value = float(tf.make_ndarray(logged.tensor_proto))
+    np.testing.assert_allclose(value, float(optimizer.curvature[1]), rtol=1e-5)

@@ -219,7 +219,7 @@ def test_golden_eq_15_17(softmax):
     np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(opt.curvature.numpy(), history[-1]["lam"], rtol=1e-6)
     np.testing.assert_allclose(
-        opt.class_directions.numpy(), history[-1]["V"], rtol=1e-6, atol=1e-12
+        opt.class_directions().numpy(), history[-1]["V"], rtol=1e-6, atol=1e-12
     )
     np.testing.assert_array_equal(opt.class_counts.numpy(), [8, 8, 8])
 
@@ -279,7 +279,7 @@ def test_unseen_class_has_unit_curvature_and_zero_direction():
     model, opt, expected, _ = _fit_and_compare({}, {}, y=y, epochs=1)
     np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
     assert opt.curvature.numpy()[2] == 1.0
-    np.testing.assert_array_equal(opt.class_directions.numpy()[2], 0.0)
+    np.testing.assert_array_equal(opt.class_directions().numpy()[2], 0.0)
     np.testing.assert_array_equal(opt.class_counts.numpy(), [4, 4, 0])
 
 
@@ -312,7 +312,7 @@ def test_gauss_newton_curvature_is_the_rayleigh_quotient():
         {"curvature": "gauss_newton"}, {"curvature": "gauss_newton"}, epochs=1, batch_size=24
     )
     del x, y, model
-    V = opt.class_directions.numpy()
+    V = opt.class_directions().numpy()
     theta0 = _theta(_linear_model())
     xb, yb = _data()
     p = _softmax(xb @ theta0[: D * C].reshape(D, C) + theta0[D * C :])
@@ -618,7 +618,7 @@ def test_gauss_newton_curvature_on_an_mlp_matches_the_dense_ggn():
     opt = ClassSubspaceNewton(0.1, curvature="gauss_newton")
     model.compile(optimizer=opt, loss=loss)
     model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0)  # one step: t_k = 1
-    V = opt.class_directions.numpy()
+    V = opt.class_directions().numpy()
     for variable, value in zip(model.trainable_variables, start):
         variable.assign(value)
     G = np.asarray(GGNOperator(model, loss, x, y).to_dense())
