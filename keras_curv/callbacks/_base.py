@@ -308,8 +308,8 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     Subclasses implement :meth:`_prepare` (called at ``on_train_begin`` with the model
     built; build operators there, cheaply: nothing is traced yet), :meth:`_calibrate`
-    (traces what a measurement needs and returns the estimated seconds of one),
-    :meth:`_estimate` (seconds of the next measurement) and :meth:`_measure` (returns the
+    (traces what a measurement needs), :meth:`_expected_products` (the products of a
+    cold measurement) and :meth:`_measure` (returns the
     values for ``logs`` and writes summaries). Measurements never change the model, the
     optimizer or any random stream: products use the stateless forward pass and probes
     come from a NumPy generator seeded with ``seed``.
@@ -324,19 +324,24 @@ class CurvatureCallback(keras.callbacks.Callback):
     * :math:`T = W - D`, the training seconds, with :math:`W` the wall time since
       ``on_train_begin``.
 
-    At every epoch end a callback with an estimated cost :math:`c` measures iff
-    :math:`D + c \le \text{max\_overhead} \cdot T`. The estimate is
+    At every epoch end the budget-scheduled callbacks of the fit decide *together* (the
+    first to reach its ``on_epoch_end`` decides for all): with :math:`c` their summed
+    estimated cost they all measure iff :math:`D + c \\le \\text{max\\_overhead} \\cdot T`
+    (the smallest ``max_overhead`` among them). Measuring at the same epochs lets
+    ``SubspaceAlignment`` reuse ``HessianSpectrum``'s eigenpairs, and no callback starves
+    another. A callback's estimate is
 
     1. before anything is traced: the first epoch's duration, as the price of tracing
        (it contains the tracing of Keras's train step, a graph of similar size to a
-       Hessian-vector product's). Once that fits, the callback *calibrates*: it traces
-       the product and times one (:math:`t_{hvp}`), and charges the seconds to the
-       account;
-    2. before the first measurement: :math:`t_{hvp}` times the expected number of
+       Hessian-vector product's); the group's prior is that times the number of
+       uncalibrated callbacks. Once it fits, each callback *calibrates*: it traces what
+       a measurement needs and times one product (:math:`t_{hvp}`); the seconds are
+       charged to the account;
+    2. before its first measurement: :math:`t_{hvp}` times the expected number of
        products (:meth:`_expected_products`);
-    3. afterwards: the last measurement's own seconds, plus the last eigensolver run's
-       seconds unless another callback already computed the eigenpairs at these weights
-       (then they are reused for free).
+    3. afterwards: its last measurement's seconds without the eigensolver, plus the last
+       eigensolver run's seconds, counted once per shared operator and not at all when
+       the eigenpairs at the current weights are already known.
 
     At ``on_train_end``, if the last epoch was not measured and the budget allows, a
     final measurement is made at the final weights (its values go to
@@ -459,16 +464,14 @@ class CurvatureCallback(keras.callbacks.Callback):
         )
         return self.shared.operator
 
-    def _estimate(self) -> float:
-        """Estimated seconds of the next measurement (see the class docstring)."""
+    def _estimate(self) -> tuple[float, float]:
+        """Estimated seconds of the next measurement: ``(own part, eigensolver part)``."""
         shared = self.shared
         eig_products, other_products = self._expected_products()
         if self._last_cost is None:
-            return shared.hvp_seconds * (eig_products + other_products)
+            return shared.hvp_seconds * other_products, shared.hvp_seconds * eig_products
         eig = shared.eig_seconds if shared.eig_seconds is not None else 0.0
-        if shared.cached(weights_state(self.model), self.k, self.method, self.tol) is not None:
-            eig = 0.0
-        return self._last_cost + eig
+        return self._last_cost, eig
 
     def _record(self, step: int, values: dict[str, float]) -> None:
         self.measurements.setdefault("step", []).append(int(step))
@@ -477,35 +480,58 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     def _timed_measure(self, step: int) -> dict[str, float]:
         start = self.clock()
-        eig_before = self.shared.eig_seconds
+        runs = self.shared.eig_runs
         values = self._measure(step)
         cost = self.clock() - start
         self._ledger.charge(cost)
         # Keep the eigensolver apart: another callback may pay it next time.
-        eig = self.shared.eig_seconds
-        own = cost - (eig if eig is not None and eig is not eig_before else 0.0)
+        own = cost - (self.shared.eig_seconds if self.shared.eig_runs != runs else 0.0)
         self._last_cost = max(own, 0.0)
         self._record(step, values)
         return values
 
-    def _budget_allows(self) -> bool:
-        """Calibrates when the budget covers it, then whether a measurement fits now."""
-        ledger, budget = self._ledger, self.max_overhead
-        if not self._calibrated:
-            prior = self._first_epoch_seconds or 0.0
-            if not ledger.allows(prior, budget):
-                return False
-            start = self.clock()
-            self._calibrate()
-            ledger.charge(self.clock() - start)
-            self._calibrated = True
-        return ledger.allows(self._estimate(), budget)
+    def _group_allows(self, when: Any) -> bool:
+        """The joint decision of this fit's budget-scheduled callbacks at ``when``.
+
+        The first member to ask decides for all (see the class docstring): calibrate
+        every member once the prior fits, then measure iff the summed estimate fits.
+        Eigensolver estimates are counted once per shared operator whose eigenpairs are
+        not already known at the current weights.
+        """
+        ledger = self._ledger
+        if when in ledger.decisions:
+            return ledger.decisions[when]
+        members = ledger.members
+        budget = min(m.max_overhead for m in members)
+        decision = False
+        uncalibrated = [m for m in members if not m._calibrated]
+        prior = (self._first_epoch_seconds or 0.0) * len(uncalibrated)
+        if not uncalibrated or ledger.allows(prior, budget):
+            for member in uncalibrated:
+                start = self.clock()
+                member._calibrate()
+                ledger.charge(self.clock() - start)
+                member._calibrated = True
+            total, eig_by_probe = 0.0, {}
+            state = weights_state(self.model)
+            for member in members:
+                own, eig = member._estimate()
+                total += own
+                cached = member.shared.cached(state, member.k, member.method, member.tol)
+                if cached is None:
+                    key = id(member.shared)
+                    eig_by_probe[key] = max(eig_by_probe.get(key, 0.0), eig)
+            decision = ledger.allows(total + sum(eig_by_probe.values()), budget)
+        ledger.decisions[when] = decision
+        return decision
 
     # Keras hooks -------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
         self._ledger = model_entry(self.model, self.clock).ledger
         self._ledger.begin(getattr(self, "params", None), self.clock)
+        if self.budgeted and self.max_overhead is not None:
+            self._ledger.members.append(self)
         start = self.clock()
         self.schedule.reset()
         self.measurements = {}
@@ -534,7 +560,7 @@ class CurvatureCallback(keras.callbacks.Callback):
         if self._first_epoch_seconds is None:
             self._first_epoch_seconds = self._ledger.training_seconds()
         if self.budgeted:
-            due = self.max_overhead is not None and self._budget_allows()
+            due = self.max_overhead is not None and self._group_allows(int(epoch))
         else:
             due = self.schedule.epoch_due(epoch)
         if due:
@@ -550,7 +576,11 @@ class CurvatureCallback(keras.callbacks.Callback):
         try:
             if self.budgeted and self.max_overhead is not None:
                 last = self._last_epoch
-                if last is not None and self._last_epoch_measured != last and self._budget_allows():
+                if (
+                    last is not None
+                    and self._last_epoch_measured != last
+                    and self._group_allows("train_end")
+                ):
                     self._timed_measure(self.schedule.step(last))
                 if not self.measurements:
                     warnings.warn(

@@ -65,6 +65,11 @@ class OverheadLedger:
     .. math::
         D + c \le \text{max\_overhead} \cdot T .
 
+    The budget-scheduled callbacks of the fit (:attr:`members`) decide *together*, once
+    per epoch (:attr:`decisions`), with :math:`c` their summed estimate: they measure at
+    the same epochs, so that one can reuse another's eigenpairs, and the first in the
+    callback list cannot starve the others.
+
     Args:
         clock: Returns seconds (monotonic); ``time.perf_counter`` by default.
     """
@@ -74,6 +79,9 @@ class OverheadLedger:
         self._fit: Any = None
         self.start = clock()
         self.diagnostic = 0.0
+        # Budget-scheduled callbacks of this fit, and their joint decision per epoch.
+        self.members: list = []
+        self.decisions: dict = {}
 
     def begin(self, fit_token: Any, clock: Callable[[], float]) -> None:
         """Starts a new account unless ``fit_token`` (Keras's ``params``) is this fit's.
@@ -86,6 +94,8 @@ class OverheadLedger:
             self.clock = clock
             self.start = clock()
             self.diagnostic = 0.0
+            self.members = []
+            self.decisions = {}
 
     def training_seconds(self) -> float:
         return self.clock() - self.start - self.diagnostic
@@ -104,12 +114,14 @@ class SharedProbe:
         operator: The :class:`~keras_curv.curvature.HessianOperator`.
         hvp_seconds: Wall time of one product, measured once it is traced (``None`` before).
         eig_seconds: Wall time of the latest eigensolver run (``None`` before).
+        eig_runs: How many times the eigensolver ran (reuses do not count).
     """
 
     def __init__(self, operator: HessianOperator):
         self.operator = operator
         self.hvp_seconds: float | None = None
         self.eig_seconds: float | None = None
+        self.eig_runs = 0
         self._latest: tuple | None = None
 
     def calibrate(self, clock: Callable[[], float]) -> float:
@@ -162,6 +174,7 @@ class SharedProbe:
         start = clock()
         result = top_eigenpairs(self.operator, k, method=method, tol=tol, seed=seed, init=init)
         self.eig_seconds = clock() - start
+        self.eig_runs += 1
         self._latest = (state, method, tol, result)
         return result, False
 
