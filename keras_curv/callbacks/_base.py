@@ -18,7 +18,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-from collections.abc import Mapping
+import time
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -26,8 +28,16 @@ import numpy as np
 import tensorflow as tf
 
 from keras_curv._losses import PerSampleLoss, as_keras_loss
+from keras_curv.callbacks._shared import (
+    SharedProbe,
+    model_entry,
+    probe_fingerprint,
+    shared_probe,
+    weights_state,
+)
 from keras_curv.curvature._data import ProbeData, probe_data
 from keras_curv.curvature._model import stateless_outputs
+from keras_curv.curvature.operators import HessianOperator
 
 SUBDIR = "curvature"
 
@@ -48,19 +58,24 @@ class ProbeSchedule:
     ``steps_per_execution > 1`` Keras reports batches in chunks; a measurement is due when
     the count crosses a multiple of ``every_n_batches``).
 
+    With neither set (``budgeted``), :meth:`epoch_due` is never true: the callback's
+    overhead budget decides instead (see :class:`CurvatureCallback`).
+
     The step of a summary is the epoch index (0-based, like ``keras.callbacks.TensorBoard``)
     when only ``every_n_epochs`` is set; as soon as ``every_n_batches`` is set, every
     summary, including the epoch-end ones, is written at the global batch count (batches
     completed since training began), so that all points share one axis.
     """
 
-    def __init__(self, every_n_epochs: int | None, every_n_batches: int | None):
+    def __init__(
+        self, every_n_epochs: int | None, every_n_batches: int | None, budgeted: bool = False
+    ):
         self.every_n_epochs = _positive_int_or_none(every_n_epochs, "every_n_epochs")
         self.every_n_batches = _positive_int_or_none(every_n_batches, "every_n_batches")
-        if self.every_n_epochs is None and self.every_n_batches is None:
+        if self.every_n_epochs is None and self.every_n_batches is None and not budgeted:
             raise ValueError(
                 "Nothing is scheduled: set `every_n_epochs` and/or `every_n_batches` "
-                "to a positive int."
+                "to a positive int, or `max_overhead` to a fraction of the training time."
             )
         self.global_batch = 0
         self._epoch_offset = 0
@@ -278,15 +293,71 @@ def _unpack_data(data: Any, owner: str) -> tuple[Any, Any, Any]:
     )
 
 
+def _check_max_overhead(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise ValueError(f"`max_overhead` must be a positive number or None; got {value!r}.")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"`max_overhead` must be a positive number or None; got {value!r}.")
+    return float(value)
+
+
 class CurvatureCallback(keras.callbacks.Callback):
-    """Keras plumbing shared by the diagnostic callbacks.
+    r"""Keras plumbing shared by the diagnostic callbacks.
 
     Subclasses implement :meth:`_prepare` (called at ``on_train_begin`` with the model
-    built; build operators there) and :meth:`_measure` (returns the values for ``logs``
-    and writes summaries). Measurements never change the model, the optimizer or any
-    random stream: products use the stateless forward pass and probes come from a NumPy
-    generator seeded with ``seed``.
+    built; build operators there, cheaply: nothing is traced yet), :meth:`_calibrate`
+    (traces what a measurement needs), :meth:`_expected_products` (the products of a
+    cold measurement) and :meth:`_measure` (returns the
+    values for ``logs`` and writes summaries). Measurements never change the model, the
+    optimizer or any random stream: products use the stateless forward pass and probes
+    come from a NumPy generator seeded with ``seed``.
+
+    **Schedule.** With ``every_n_epochs`` and/or ``every_n_batches`` set, measurements
+    follow that fixed schedule (:class:`ProbeSchedule`), whatever they cost. With neither
+    set, the *overhead budget* decides: all curvature callbacks of the model share one
+    account per ``fit`` (:class:`~keras_curv.callbacks._shared.OverheadLedger`) of
+
+    * :math:`D`, the seconds spent inside them so far (set-up, tracing, measurements,
+      summaries), and
+    * :math:`T = W - D`, the training seconds, with :math:`W` the wall time since
+      ``on_train_begin``.
+
+    At every epoch end the budget-scheduled callbacks of the fit decide *together* (the
+    first to reach its ``on_epoch_end`` decides for all): with :math:`c` their summed
+    estimated cost they all measure iff :math:`D + c \\le \\text{max\\_overhead} \\cdot T`
+    (the smallest ``max_overhead`` among them). Measuring at the same epochs lets
+    ``SubspaceAlignment`` reuse ``HessianSpectrum``'s eigenpairs, and no callback starves
+    another. A callback's estimate is
+
+    1. before anything is traced: :attr:`trace_prior_epochs` (2.5) times the first
+       epoch's duration, as the price of tracing (the first epoch contains the tracing of
+       Keras's train step, a smaller graph than a Hessian-vector product's; on the
+       benchmark CNN tracing cost 2.3 first epochs for ``HessianSpectrum`` and 1.7 for
+       ``SubspaceAlignment``); the group's prior sums it over uncalibrated callbacks.
+       Once it fits, each callback *calibrates*: it traces what a measurement needs and
+       times one product (:math:`t_{hvp}`); the seconds are charged to the account;
+    2. before its first measurement: :math:`t_{hvp}` times the expected number of
+       products (:meth:`_expected_products`);
+    3. afterwards: its last measurement's seconds without the eigensolver, plus the last
+       eigensolver run's seconds, counted once per shared operator and not at all when
+       the eigenpairs at the current weights are already known.
+
+    At ``on_train_end``, if the last epoch was not measured and the budget allows, a
+    final measurement is made at the final weights (its values go to
+    :attr:`measurements` and TensorBoard, not to ``History``, which is already written).
+    If the budget allowed no measurement at all, a warning says so once, at the end of
+    training, and how to force them (``every_n_epochs=1``).
+
+    Attributes:
+        trace_prior_epochs: Prior for the one-off tracing cost, in first-epoch durations.
+        measurements: ``{"step": [...], "<logs key>": [...]}`` for every measurement of
+            the last ``fit``, including a final one made at ``on_train_end``; unlike
+            ``History``, it says at which step each value was taken.
     """
+
+    trace_prior_epochs = 2.5
 
     def __init__(
         self,
@@ -299,6 +370,8 @@ class CurvatureCallback(keras.callbacks.Callback):
         batch_size: int | None,
         training: bool,
         seed: int,
+        max_overhead: float | None = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         super().__init__()
         owner = type(self).__name__
@@ -306,7 +379,14 @@ class CurvatureCallback(keras.callbacks.Callback):
         self.batch_size = _positive_int_or_none(batch_size, "batch_size")
         # Validate (and materialise) the probe set now, not mid-training.
         self.probe: ProbeData = probe_data(self.x, self.y, self.sample_weight, self.batch_size)
-        self.schedule = ProbeSchedule(every_n_epochs, every_n_batches)
+        self.max_overhead = _check_max_overhead(max_overhead)
+        self.budgeted = every_n_epochs is None and every_n_batches is None
+        self.schedule = ProbeSchedule(
+            every_n_epochs, every_n_batches, budgeted=self.max_overhead is not None
+        )
+        if not callable(clock):
+            raise ValueError(f"`clock` must be a callable returning seconds; got {clock!r}.")
+        self.clock = clock
         self.writer = CurvatureWriter(log_dir) if log_dir is not None else None
         self.loss = loss
         self.training = bool(training)
@@ -315,6 +395,15 @@ class CurvatureCallback(keras.callbacks.Callback):
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self._prepared_for = None
+        self._fingerprint = probe_fingerprint(self.probe)
+        self.shared: SharedProbe | None = None
+        self.measurements: dict[str, list] = {}
+        self._ledger = None
+        self._calibrated = False
+        self._last_cost: float | None = None
+        self._first_epoch_seconds: float | None = None
+        self._last_epoch: int | None = None
+        self._last_epoch_measured: int | None = None
         if self.schedule.every_n_batches is None:
             # Leave Keras free to dispatch batch ends asynchronously: it only does so when
             # no callback overrides on_train_batch_end.
@@ -327,6 +416,14 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     def _measure(self, step: int) -> dict[str, float]:
         raise NotImplementedError
+
+    def _expected_products(self) -> tuple[int, int]:
+        """(eigensolver products, other products) a cold measurement is expected to need."""
+        raise NotImplementedError
+
+    def _calibrate(self) -> None:
+        """Traces what a measurement needs (at least the Hessian-vector product)."""
+        self.shared.calibrate(self.clock)
 
     # Helpers -----------------------------------------------------------------------------
 
@@ -344,33 +441,160 @@ class CurvatureCallback(keras.callbacks.Callback):
     def _resolved_loss(self) -> Any:
         return model_loss(self.model, self.loss, type(self).__name__)
 
+    def _shared_operator(self, loss: Any) -> HessianOperator:
+        """The Hessian operator, shared with other callbacks on the same probe data and loss."""
+        if self.loss is None:
+            loss_key = ("compiled", id(getattr(self.model, "loss", None)))
+        else:
+            loss_key = self.loss if isinstance(self.loss, str) else ("object", id(self.loss))
+        key = (
+            self._fingerprint,
+            loss_key,
+            self.training,
+            tuple(id(v) for v in self.model.trainable_variables),
+        )
+        self.shared = shared_probe(
+            self.model,
+            key,
+            lambda: HessianOperator(
+                self.model,
+                loss,
+                self.x,
+                self.y,
+                sample_weight=self.sample_weight,
+                training=self.training,
+                batch_size=self.batch_size,
+            ),
+        )
+        return self.shared.operator
+
+    def _estimate(self) -> tuple[float, float]:
+        """Estimated seconds of the next measurement: ``(own part, eigensolver part)``."""
+        shared = self.shared
+        eig_products, other_products = self._expected_products()
+        if self._last_cost is None:
+            return shared.hvp_seconds * other_products, shared.hvp_seconds * eig_products
+        eig = shared.eig_seconds if shared.eig_seconds is not None else 0.0
+        return self._last_cost, eig
+
+    def _record(self, step: int, values: dict[str, float]) -> None:
+        self.measurements.setdefault("step", []).append(int(step))
+        for key, value in values.items():
+            self.measurements.setdefault(key, []).append(value)
+
+    def _timed_measure(self, step: int) -> dict[str, float]:
+        start = self.clock()
+        runs = self.shared.eig_runs
+        values = self._measure(step)
+        cost = self.clock() - start
+        self._ledger.charge(cost)
+        # Keep the eigensolver apart: another callback may pay it next time.
+        own = cost - (self.shared.eig_seconds if self.shared.eig_runs != runs else 0.0)
+        self._last_cost = max(own, 0.0)
+        self._record(step, values)
+        return values
+
+    def _group_allows(self, when: Any) -> bool:
+        """The joint decision of this fit's budget-scheduled callbacks at ``when``.
+
+        The first member to ask decides for all (see the class docstring): calibrate
+        every member once the prior fits, then measure iff the summed estimate fits.
+        Eigensolver estimates are counted once per shared operator whose eigenpairs are
+        not already known at the current weights.
+        """
+        ledger = self._ledger
+        if when in ledger.decisions:
+            return ledger.decisions[when]
+        members = ledger.members
+        budget = min(m.max_overhead for m in members)
+        decision = False
+        uncalibrated = [m for m in members if not m._calibrated]
+        first_epoch = self._first_epoch_seconds or 0.0
+        prior = sum(m.trace_prior_epochs for m in uncalibrated) * first_epoch
+        if not uncalibrated or ledger.allows(prior, budget):
+            for member in uncalibrated:
+                start = self.clock()
+                member._calibrate()
+                ledger.charge(self.clock() - start)
+                member._calibrated = True
+            total, eig_by_probe = 0.0, {}
+            state = weights_state(self.model)
+            for member in members:
+                own, eig = member._estimate()
+                total += own
+                cached = member.shared.cached(state, member.k, member.method, member.tol)
+                if cached is None:
+                    key = id(member.shared)
+                    eig_by_probe[key] = max(eig_by_probe.get(key, 0.0), eig)
+            decision = ledger.allows(total + sum(eig_by_probe.values()), budget)
+        ledger.decisions[when] = decision
+        return decision
+
     # Keras hooks -------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        self._ledger = model_entry(self.model, self.clock).ledger
+        self._ledger.begin(getattr(self, "params", None), self.clock)
+        if self.budgeted and self.max_overhead is not None:
+            self._ledger.members.append(self)
+        start = self.clock()
         self.schedule.reset()
+        self.measurements = {}
+        self._last_epoch_measured = None
+        self._last_epoch = None
+        self._first_epoch_seconds = None
         # Rebuild only when the model or its set of trainable variables changed.
         key = (id(self.model), tuple(id(v) for v in self.model.trainable_variables))
         if key != self._prepared_for:
             self._prepare()
             self._prepared_for = key
+            self._calibrated = False
+            self._last_cost = None
+        self._ledger.charge(self.clock() - start)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.schedule.epoch_begin()
 
     def on_train_batch_end(self, batch, logs=None):
         if self.schedule.batch_end(batch):
-            values = self._measure(self.schedule.global_batch)
+            values = self._timed_measure(self.schedule.global_batch)
             if logs is not None:
                 logs.update(values)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.schedule.epoch_due(epoch):
-            values = self._measure(self.schedule.step(epoch))
+        if self._first_epoch_seconds is None:
+            self._first_epoch_seconds = self._ledger.training_seconds()
+        if self.budgeted:
+            due = self.max_overhead is not None and self._group_allows(int(epoch))
+        else:
+            due = self.schedule.epoch_due(epoch)
+        if due:
+            values = self._timed_measure(self.schedule.step(epoch))
+            self._last_epoch_measured = int(epoch)
             if logs is not None:
                 # Keras appends History and ProgbarLogger after user callbacks and hands
                 # every callback the same dict, so these keys reach both.
                 logs.update(values)
+        self._last_epoch = int(epoch)
 
     def on_train_end(self, logs=None):
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.budgeted and self.max_overhead is not None:
+                last = self._last_epoch
+                if (
+                    last is not None
+                    and self._last_epoch_measured != last
+                    and self._group_allows("train_end")
+                ):
+                    self._timed_measure(self.schedule.step(last))
+                if not self.measurements:
+                    warnings.warn(
+                        f"{type(self).__name__} made no measurement: its cost did not fit in "
+                        f"max_overhead={self.max_overhead:g} of this run's training time. "
+                        "Train longer, use a smaller probe set, raise `max_overhead`, or "
+                        "force a fixed schedule with `every_n_epochs=1`.",
+                        stacklevel=2,
+                    )
+        finally:
+            if self.writer is not None:
+                self.writer.close()

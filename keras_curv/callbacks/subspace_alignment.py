@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -21,8 +23,8 @@ from keras_curv.curvature.alignment import (
     principal_angles,
     subspace_overlap,
 )
-from keras_curv.curvature.class_gradients import class_gradients
-from keras_curv.curvature.eigensolvers import METHODS, top_eigenpairs
+from keras_curv.curvature.class_gradients import class_gradients_for
+from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.operators import HessianOperator, resolve_loss
 
 
@@ -111,7 +113,7 @@ class SubspaceAlignment(CurvatureCallback):
     def __init__(
         self,
         data: Any,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_batches: int | None = None,
         log_dir: str | os.PathLike | None = None,
         top_k: int | None = None,
@@ -122,6 +124,8 @@ class SubspaceAlignment(CurvatureCallback):
         batch_size: int | None = None,
         training: bool = False,
         seed: int = 0,
+        max_overhead: float | None = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         super().__init__(
             data,
@@ -132,6 +136,8 @@ class SubspaceAlignment(CurvatureCallback):
             batch_size=batch_size,
             training=training,
             seed=seed,
+            max_overhead=max_overhead,
+            clock=clock,
         )
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
@@ -160,15 +166,7 @@ class SubspaceAlignment(CurvatureCallback):
             )
         k = self.top_k if self.top_k is not None else num_classes
         loss = self._resolved_loss()
-        self.operator = HessianOperator(
-            self.model,
-            loss,
-            self.x,
-            self.y,
-            sample_weight=self.sample_weight,
-            training=self.training,
-            batch_size=self.batch_size,
-        )
+        self.operator = self._shared_operator(loss)
         if k > self.operator.dim:
             raise ValueError(
                 f"`top_k`={k} exceeds the number of trainable parameters ({self.operator.dim}); "
@@ -176,9 +174,21 @@ class SubspaceAlignment(CurvatureCallback):
             )
         self.k = k
         self.eigenvectors = None
+        self.num_classes = num_classes
         self._gradient = _probe_gradient_fn(
             self.model, resolve_loss(loss, self.operator.dtype), self.training
         )
+        self._class_gradients = class_gradients_for(self.model, self.training)
+
+    def _expected_products(self) -> tuple[int, int]:
+        # Cold Lanczos about 3k products; the class-gradient Jacobian has C rows (C
+        # backward passes, about C/2 products) and the gradient one more backward pass.
+        return 3 * self.k, self.num_classes // 2 + 1
+
+    def _calibrate(self) -> None:
+        super()._calibrate()
+        self._class_gradients(None, data=self.probe)
+        self._probe_gradient()
 
     def _probe_gradient(self) -> np.ndarray:
         dtype = self.operator.dtype
@@ -203,20 +213,19 @@ class SubspaceAlignment(CurvatureCallback):
         return directions
 
     def _measure(self, step: int) -> dict[str, float]:
-        result = top_eigenpairs(
-            self.operator,
+        result, _ = self.shared.top_eigenpairs(
             self.k,
             method=self.method,
             tol=self.tol,
             seed=int(self.rng.integers(2**31)),
             init=self.eigenvectors,
+            model=self.model,
+            clock=self.clock,
         )
         self.eigenvectors = result.eigenvectors
         eig_rows = result.eigenvectors.T
         gradient = self._probe_gradient()
-        directions = class_gradients(
-            self.model, self.x, self.y, training=self.training, batch_size=self.batch_size
-        ).numpy()
+        directions = self._class_gradients(None, data=self.probe).numpy()
         groups = {"": directions}
         optimizer_directions = self._optimizer_directions()
         if optimizer_directions is not None:

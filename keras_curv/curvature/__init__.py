@@ -9,7 +9,7 @@ from keras_curv.curvature.alignment import (
     principal_angles,
     subspace_overlap,
 )
-from keras_curv.curvature.class_gradients import class_gradients
+from keras_curv.curvature.class_gradients import ClassGradients, class_gradients
 from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
 from keras_curv.curvature.estimators import (
     DiagonalEstimate,
@@ -28,6 +28,7 @@ from keras_curv.curvature.spectral_density import SpectralDensity, spectral_dens
 
 __all__ = [
     "Assignment",
+    "ClassGradients",
     "DenseOperator",
     "DiagonalEstimate",
     "EigenResult",

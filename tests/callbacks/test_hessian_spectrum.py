@@ -33,7 +33,7 @@ def fit(model, callbacks, epochs=2, x=None, y=None, **compile_kwargs):
 def test_logged_eigenvalues_and_trace_match_the_dense_hessian():
     x, y = tiny_data()
     model = tiny_model()
-    cb = HessianSpectrum((x[:32], y[:32]), tol=1e-10, trace_samples=120)
+    cb = HessianSpectrum((x[:32], y[:32]), every_n_epochs=1, tol=1e-10, trace_samples=120)
     history = fit(model, [cb], epochs=2)
     values, _, h = dense_spectrum(model, x[:32], y[:32])
     # Logged at the end of the last epoch: the weights the dense oracle sees.
@@ -49,7 +49,7 @@ def test_history_and_progress_bar_see_the_values(capsys):
     x, y = tiny_data()
     model = tiny_model()
     model.compile(loss=XENT, optimizer="sgd")
-    cb = HessianSpectrum((x, y))
+    cb = HessianSpectrum((x, y), every_n_epochs=1)
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=2, callbacks=[cb])
     assert set(history.history) == {"loss", "top_eigenvalue", "hessian_trace"}
     out = capsys.readouterr().out
@@ -59,7 +59,9 @@ def test_history_and_progress_bar_see_the_values(capsys):
 def test_summaries_coexist_with_keras_tensorboard(tmp_path, needs_tensorboard):
     x, y = tiny_data()
     model = tiny_model()
-    cb = HessianSpectrum((x, y), log_dir=str(tmp_path), density=True, density_steps=10)
+    cb = HessianSpectrum(
+        (x, y), every_n_epochs=1, log_dir=str(tmp_path), density=True, density_steps=10
+    )
     history = fit(model, [keras.callbacks.TensorBoard(str(tmp_path)), cb], epochs=2)
     events = read_events(tmp_path / "curvature")
     for i in range(3):
@@ -93,7 +95,7 @@ def test_optimizer_summary_mixed_precision_and_jit(tmp_path, needs_tensorboard):
     model = tiny_model(dtype=None)
     model.compile(loss=XENT, optimizer=SummarisingSGD(0.1), jit_compile=True)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    cb = HessianSpectrum((x, y), log_dir=str(tmp_path))
+    cb = HessianSpectrum((x, y), every_n_epochs=1, log_dir=str(tmp_path))
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
     assert np.isfinite(history.history["top_eigenvalue"][0])
     events = read_events(tmp_path / "curvature")
@@ -111,7 +113,7 @@ def test_bad_optimizer_summary_raises(tmp_path):
     model = tiny_model()
     model.compile(loss=XENT, optimizer=Bad())
     pytest.importorskip("tensorboard")
-    cb = HessianSpectrum((x, y), log_dir=str(tmp_path))
+    cb = HessianSpectrum((x, y), every_n_epochs=1, log_dir=str(tmp_path))
     with pytest.raises(ValueError, match="only scalars and vectors"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
 
@@ -160,7 +162,9 @@ def test_probe_schedule_steps():
         ({"data": (np.zeros((5, 4)), np.zeros(4))}, "rows"),
         ({"data": tf.data.Dataset.from_tensors((np.zeros((2, 4)), [0, 1])).repeat()}, "infinite"),
         ({"top_k": 0}, "top_k"),
-        ({"every_n_epochs": None}, "Nothing is scheduled"),
+        ({"max_overhead": None}, "Nothing is scheduled"),
+        ({"max_overhead": 0.0}, "max_overhead"),
+        ({"clock": 3.0}, "clock"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"method": "qr"}, "Unknown method"),
         ({"trace_samples": 2}, "trace_samples"),
@@ -206,7 +210,7 @@ def test_compiled_loss_function_is_treated_per_sample():
     for loss in (xent, XENT):
         model = tiny_model()
         model.compile(loss=loss, optimizer=keras.optimizers.SGD(0.0))
-        cb = HessianSpectrum((x, y), tol=1e-10)
+        cb = HessianSpectrum((x, y), every_n_epochs=1, tol=1e-10)
         model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
         results.append(cb.eigenvalues)
     np.testing.assert_allclose(results[0], results[1], rtol=1e-10)
@@ -221,7 +225,8 @@ def _free_port():
 @pytest.mark.slow
 def test_a_real_tensorboard_server_serves_the_tags(tmp_path, needs_tensorboard):
     x, y = tiny_data()
-    fit(tiny_model(), [HessianSpectrum((x, y), log_dir=str(tmp_path))], epochs=2)
+    cb = HessianSpectrum((x, y), every_n_epochs=1, log_dir=str(tmp_path))
+    fit(tiny_model(), [cb], epochs=2)
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     server = subprocess.Popen(

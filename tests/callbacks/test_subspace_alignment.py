@@ -68,7 +68,7 @@ def test_logged_measures_match_numpy_oracles(tmp_path, needs_tensorboard):
     dim = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     optimizer.rows = np.random.default_rng(3).standard_normal((NUM_CLASSES, dim))
     model.compile(loss=XENT, optimizer=optimizer)
-    cb = SubspaceAlignment(probe, log_dir=str(tmp_path), tol=1e-10)
+    cb = SubspaceAlignment(probe, every_n_epochs=1, log_dir=str(tmp_path), tol=1e-10)
     history = model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0, callbacks=[cb])
 
     _, vectors, _ = dense_spectrum(model, *probe)
@@ -114,7 +114,9 @@ def test_bad_class_directions_shape():
     model = tiny_model()
     model.compile(loss=XENT, optimizer=Bad())
     with pytest.raises(ValueError, match="class_directions"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[SubspaceAlignment((x, y))])
+        model.fit(
+            x, y, epochs=1, verbose=0, callbacks=[SubspaceAlignment((x, y), every_n_epochs=1)]
+        )
 
 
 @pytest.mark.parametrize(
@@ -123,7 +125,7 @@ def test_bad_class_directions_shape():
         ({"data": "x"}, "probe data"),
         ({"top_k": -1}, "top_k"),
         ({"rank_rtol": 1.5}, "rank_rtol"),
-        ({"every_n_epochs": None, "every_n_batches": None}, "Nothing is scheduled"),
+        ({"max_overhead": None}, "Nothing is scheduled"),
         ({"every_n_batches": 1.5}, "every_n_batches"),
     ],
 )
@@ -166,7 +168,9 @@ def train(with_callbacks, tmp_path):
                 density_steps=5,
                 training=True,
             ),
-            SubspaceAlignment(probe, log_dir=log_dir),
+            SubspaceAlignment(probe, every_n_epochs=1, log_dir=log_dir),
+            # Budget mode with room for everything: calibration, every epoch, train end.
+            HessianSpectrum(probe, max_overhead=1e9, trace_samples=3),
         ]
     model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=callbacks)
     return model

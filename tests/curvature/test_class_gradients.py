@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv.curvature import class_gradients
+from keras_curv.curvature import ClassGradients, class_gradients
 
 
 def classifier(activation=None, seed=0):
@@ -74,3 +74,43 @@ def test_errors(data):
     regression = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="classifier"):
         class_gradients(regression, x, y)
+
+
+def test_repeated_calls_reuse_one_trace_and_see_current_weights(data):
+    from keras_curv.curvature.class_gradients import class_gradients_for
+
+    x, y = data
+    model = classifier()
+    first = class_gradients(model, x, y).numpy()
+    cached = class_gradients_for(model)
+    traces = cached.tracing_count
+    assert traces >= 1
+    for _ in range(3):
+        np.testing.assert_array_equal(class_gradients(model, x, y).numpy(), first)
+    assert class_gradients_for(model) is cached
+    assert cached.tracing_count == traces
+    # New weights, same trace: the cached function reads the variables' current values.
+    for v in model.trainable_variables:
+        v.assign(v * 0.5 + 0.1)
+    np.testing.assert_allclose(
+        class_gradients(model, x, y).numpy(), per_class_loop(model, x, y, False), atol=1e-12
+    )
+    assert cached.tracing_count == traces
+    # training=True gets its own function; the class gives the same rows as the function.
+    assert class_gradients_for(model, training=True) is not cached
+    np.testing.assert_array_equal(
+        ClassGradients(model)(x, y).numpy(), class_gradients(model, x, y).numpy()
+    )
+
+
+def test_cache_does_not_keep_the_model_alive(data):
+    import gc
+    import weakref
+
+    x, y = data
+    model = classifier()
+    class_gradients(model, x, y)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
