@@ -240,8 +240,8 @@ class HessianOperator(_ModelOperator):
     .. math::
         H = \nabla^2_\theta \frac{1}{N} \sum_{\mu=1}^{N} w^\mu \ell(y^\mu, f_\theta(x^\mu))
 
-    Products are computed forward-over-reverse (a JVP of the gradient), one probe
-    batch at a time, and summed exactly, so the operator is that of the whole probe
+    Products are computed reverse-over-reverse (the gradient of :math:`g^\top v`),
+    one probe batch at a time, and summed exactly, so the operator is that of the whole probe
     set. The per-batch product is traced once with ``tf.function``.
 
     Args:
@@ -263,12 +263,14 @@ class HessianOperator(_ModelOperator):
     def _batch_product(self, tangents, x, y, w, n):
         batch = ProbeBatch(x, y, w, n)
         params = self._values()
-        with tf.autodiff.ForwardAccumulator(params, tangents) as accumulator:
-            with tf.GradientTape() as tape:
-                tape.watch(params)
+        with tf.GradientTape() as outer:
+            outer.watch(params)
+            with tf.GradientTape() as inner:
+                inner.watch(params)
                 loss = self._batch_loss(params, batch, self._forward(params, batch))
-            grads = _flat.zeros_for_none(tape.gradient(loss, params), params)
-        return _flat.zeros_for_none(accumulator.jvp(grads), params)
+            grads = _flat.zeros_for_none(inner.gradient(loss, params), params)
+        products = outer.gradient(grads, params, output_gradients=list(tangents))
+        return _flat.zeros_for_none(products, params)
 
 
 class GGNOperator(_ModelOperator):
