@@ -9,9 +9,10 @@ Usage::
     PYTHONPATH=. python benchmarks/csn_cost.py [--steps 20] [--repeats 3]
 
 Ratios are reported for plain graph execution and for XLA. On a shared 2-core CPU
-(TF 2.21) CSN with ``update_each=1`` measured about 7x SGD in graph mode and 3.6x under
-XLA; ``update_each=5`` about 2.7-3.7x in graph mode (pfor's loop-invariant ops still
-run on skipped steps). Figures move by ~30% with load from other processes.
+(TF 2.21), with class gradients from per-class sub-batches (graph mode, models without
+sample coupling), CSN with ``update_each=1`` measured 2.0x SGD (it was 7.2x with the
+vectorised Jacobian) and ``update_each=5`` 1.6x; under XLA, where the Jacobian is
+used, about 3.6-4.0x. Figures move by ~30% with load from other processes.
 """
 
 from __future__ import annotations

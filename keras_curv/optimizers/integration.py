@@ -138,6 +138,7 @@ class TrainBatch:
         variables: The model's trainable variables.
         loss_scale: Factor by which ``loss`` and ``gradients`` are scaled (1 unless a
             ``LossScaleOptimizer`` wraps the optimizer).
+        x: The step's inputs (``None`` if the train step does not name them ``x``).
     """
 
     model: keras.Model
@@ -148,6 +149,7 @@ class TrainBatch:
     gradients: list | None
     variables: list
     loss_scale: Any = 1.0
+    x: Any = None
 
     @property
     def graph(self) -> tf.Graph:
@@ -236,6 +238,7 @@ def _from_frame(optimizer) -> TrainBatch | None:
                 return None
             return TrainBatch(
                 model=model,
+                x=local.get("x"),
                 y=local["y"],
                 y_pred=local["y_pred"],
                 sample_weight=local.get("sample_weight"),
@@ -351,6 +354,7 @@ def _make_step(model, optimizer, loss_fn, training):
         gradients = tape.gradient(scaled, variables)
         batch = TrainBatch(
             model=model,
+            x=x,
             y=y,
             y_pred=y_pred,
             sample_weight=sample_weight,

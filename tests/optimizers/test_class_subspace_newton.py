@@ -649,3 +649,53 @@ def _no_warning():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _mlp_run(monkeypatch, partition: bool, sample_weight=None):
+    x, y = _data(n=42, seed=5)
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential(
+        [
+            keras.Input((x.shape[1],), dtype="float64"),
+            keras.layers.Dense(6, activation="tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    if not partition:
+        monkeypatch.setattr(ClassSubspaceNewton, "_can_partition", staticmethod(lambda b: False))
+    optimizer = ClassSubspaceNewton(learning_rate=0.05, damping=0.5)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),
+    )
+    model.fit(x, y, sample_weight=sample_weight, batch_size=14, epochs=2, shuffle=False, verbose=0)
+    return [w.copy() for w in model.get_weights()], optimizer.curvature.numpy()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_partitioned_class_gradients_equal_the_jacobian(monkeypatch, weighted):
+    weights = np.linspace(0.5, 2.0, 42) if weighted else None
+    fast, fast_curvature = _mlp_run(monkeypatch, partition=True, sample_weight=weights)
+    with monkeypatch.context() as patch:
+        exact, exact_curvature = _mlp_run(patch, partition=False, sample_weight=weights)
+    np.testing.assert_allclose(fast_curvature, exact_curvature, rtol=1e-9)
+    for a, b in zip(fast, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_partition_is_used_only_where_it_is_exact():
+    from keras_curv.optimizers.integration import TrainBatch
+
+    def batch_for(model):
+        return TrainBatch(model, None, None, None, tf.constant(0.0), None, [], x=np.zeros((1, 4)))
+
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with_bn = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(3)]
+    )
+    with_dropout = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dropout(0.1), keras.layers.Dense(3)]
+    )
+    assert ClassSubspaceNewton._can_partition(batch_for(dense))
+    assert not ClassSubspaceNewton._can_partition(batch_for(with_bn))
+    assert not ClassSubspaceNewton._can_partition(batch_for(with_dropout))
