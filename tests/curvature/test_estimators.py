@@ -231,7 +231,10 @@ def test_estimators_on_keras_hessian():
 
     for method in METHODS:
         result = hutchinson_trace(op, 200, seed=19, method=method)
-        assert abs(result.estimate - np.trace(dense)) < 4 * result.std_error
+        # std_error covers sampling only; allow float64 rounding on top of it.
+        assert abs(result.estimate - np.trace(dense)) < 4 * result.std_error + 1e-12 * abs(
+            np.trace(dense)
+        )
     # The sketch spans the whole 43-dim space: hutch++ is then exact.
     full = hutchinson_trace(op, 129, seed=20)
     np.testing.assert_allclose(full.estimate, np.trace(dense), rtol=1e-9)
