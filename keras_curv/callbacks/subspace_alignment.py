@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -174,6 +175,7 @@ class SubspaceAlignment(CurvatureCallback):
             )
         self.k = k
         self.eigenvectors = None
+        self._warned_degenerate: set[str] = set()
         self.num_classes = num_classes
         self._gradient = _probe_gradient_fn(
             self.model, resolve_loss(loss, self.operator.dtype), self.training
@@ -199,6 +201,17 @@ class SubspaceAlignment(CurvatureCallback):
             )
             total = part if total is None else total + part
         return total.numpy().astype(np.float64) / self.probe.num_samples
+
+    def _warn_degenerate(self, prefix: str) -> None:
+        if prefix in self._warned_degenerate:
+            return
+        self._warned_degenerate.add(prefix)
+        source = "optimizer's class directions" if prefix else "class gradients"
+        warnings.warn(
+            f"SubspaceAlignment: every one of the {source} is zero (a degenerate model, "
+            "e.g. dead ReLUs); its alignment measures are logged as NaN.",
+            stacklevel=2,
+        )
 
     def _optimizer_directions(self) -> np.ndarray | None:
         method = getattr(unwrapped_optimizer(self.model), "class_directions", None)
@@ -235,6 +248,13 @@ class SubspaceAlignment(CurvatureCallback):
         scalars, histograms, images = {}, {}, {}
         self.last = {}
         for prefix, rows in groups.items():
+            if not np.any(np.linalg.norm(rows, axis=1) > 0):
+                # A degenerate model (e.g. every ReLU dead) has no class directions: the
+                # measures are undefined, and diagnostics must never stop training.
+                self._warn_degenerate(prefix)
+                for name in ("alignment", "subspace_overlap", "combined_rank", "gradient_fraction"):
+                    values[prefix + name] = float("nan")
+                continue
             measures = alignment_measures(rows, eig_rows, self.rank_rtol)
             # Class gradients: the share of ||g||^2 in the top eigenspace, ||E^T g||^2/||g||^2;
             # optimizer directions: the share in the subspace the optimizer preconditions.

@@ -368,9 +368,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             seeds = gate.enter(tf.eye(num_classes, dtype=per_class.dtype))
 
             def one_row(unit):
-                return _flat.zeros_for_none(
-                    tf.gradients(per_class, handles, grad_ys=unit), handles
-                )
+                return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
             class_grads = [gate.exit(j) for j in integration.stacked_map(one_row, seeds)]
         stats = {"present": present, "class_gradients": class_grads}

@@ -228,3 +228,24 @@ def test_class_subspace_newton_state_reaches_logs_and_tensorboard(tmp_path):
     logged = events.Tensors("optimizer/curvature_2")[-1]
     value = float(tf.make_ndarray(logged.tensor_proto))
     np.testing.assert_allclose(value, float(optimizer.curvature[1]), rtol=1e-5)
+
+
+def test_degenerate_model_logs_nan_instead_of_stopping_training():
+    """Zero class directions (a zero network without biases) must not abort fit."""
+    from keras_curv.callbacks import SubspaceAlignment
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)).astype("float32"), np.arange(30) % 3
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="relu", kernel_initializer="zeros", use_bias=False),
+            keras.layers.Dense(3, kernel_initializer="zeros", use_bias=False),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    callback = SubspaceAlignment((x, y), every_n_epochs=1, top_k=3)
+    with pytest.warns(UserWarning, match="degenerate"):
+        history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert len(history.history["loss"]) == 2
+    assert np.isnan(history.history["alignment"]).all()
