@@ -51,7 +51,13 @@ _PINV_RTOL = 1e-10
 
 
 def _sym_pinv(matrix: tf.Tensor) -> tf.Tensor:
-    """Pseudo-inverse of a small symmetric PSD matrix, by eigendecomposition (XLA-friendly)."""
+    """Pseudo-inverse of a small symmetric PSD matrix, by eigendecomposition (XLA-friendly).
+
+    Non-finite entries are treated as zeros: ``eigh`` raises (and would stop training)
+    on them, and a step whose statistics overflowed is skipped elsewhere anyway.
+    """
+    matrix = tf.where(tf.math.is_finite(matrix), matrix, tf.zeros_like(matrix))
+    matrix = 0.5 * (matrix + tf.transpose(matrix))
     values, vectors = tf.linalg.eigh(matrix)
     cutoff = tf.reduce_max(tf.abs(values)) * tf.constant(_PINV_RTOL, matrix.dtype)
     keep = tf.abs(values) > cutoff

@@ -699,3 +699,15 @@ def test_partition_is_used_only_where_it_is_exact():
     assert ClassSubspaceNewton._can_partition(batch_for(dense))
     assert not ClassSubspaceNewton._can_partition(batch_for(with_bn))
     assert not ClassSubspaceNewton._can_partition(batch_for(with_dropout))
+
+
+def test_pseudo_inverse_never_fails_on_non_finite_or_asymmetric_input():
+    from keras_curv.optimizers.class_subspace_newton import _sym_pinv
+
+    spd = np.array([[2.0, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(_sym_pinv(tf.constant(spd)).numpy(), np.linalg.inv(spd), rtol=1e-12)
+    skewed = spd + np.array([[0.0, 1e-3], [0.0, 0.0]])
+    result = _sym_pinv(tf.constant(skewed)).numpy()
+    np.testing.assert_allclose(result, result.T, atol=1e-15)
+    broken = np.array([[np.nan, 1.0], [1.0, np.inf]])
+    assert np.all(np.isfinite(_sym_pinv(tf.constant(broken)).numpy()))
