@@ -32,7 +32,7 @@ class OptimizerPreset:
 
     description: str
     learning_rate: float
-    build: Callable[[float], Any]
+    build: Callable[[float, int], Any]
 
 
 def _presets() -> dict[str, OptimizerPreset]:
@@ -44,21 +44,23 @@ def _presets() -> dict[str, OptimizerPreset]:
         "sgd": OptimizerPreset(
             "SGD, heavy-ball momentum 0.9 (the paper's baseline)",
             0.1,
-            lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+            lambda lr, seed: keras.optimizers.SGD(lr, momentum=0.9),
         ),
-        "adam": OptimizerPreset("Adam", 3e-3, lambda lr: keras.optimizers.Adam(lr)),
+        "adam": OptimizerPreset("Adam", 3e-3, lambda lr, seed: keras.optimizers.Adam(lr)),
         "adahessian": OptimizerPreset(
-            "AdaHessian (its defaults)", 0.15, lambda lr: AdaHessian(lr, seed=0)
+            "AdaHessian (its defaults)", 0.15, lambda lr, seed: AdaHessian(lr, seed=seed)
         ),
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
             0.1,
-            lambda lr: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9),
+            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9),
         ),
         "csn-gn": OptimizerPreset(
             'ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, no momentum',
             0.2,
-            lambda lr: ClassSubspaceNewton(lr, gamma=0.9, curvature="gauss_newton", damping=1.0),
+            lambda lr, seed: ClassSubspaceNewton(
+                lr, gamma=0.9, curvature="gauss_newton", damping=1.0
+            ),
         ),
     }
 
@@ -262,7 +264,7 @@ def _compiled_model(data, optimizer_name: str, learning_rate: float | None, seed
     keras.utils.set_random_seed(seed)
     model = small_cnn(data.input_shape, data.num_classes)
     model.compile(
-        optimizer=preset.build(rate),
+        optimizer=preset.build(rate, seed),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
