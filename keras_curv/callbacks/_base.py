@@ -7,7 +7,8 @@ Each concern has exactly one implementation here:
 * :class:`CurvatureWriter`: ``tf.summary`` scalars, histograms and images under
   ``<log_dir>/curvature``;
 * :func:`render_stem`, :func:`render_density`, :func:`render_heatmap`: matplotlib (Agg)
-  figures rendered to image tensors;
+  figures rendered to image tensors (:func:`draw_stem` and :func:`draw_density` draw the
+  same plots on given axes, for ``keras_curv.report``);
 * :func:`model_loss`: the loss a callback differentiates when none is given;
 * :func:`optimizer_summary`: the optimizer's ``curvature_summary()`` protocol;
 * :class:`CurvatureCallback`: the Keras callback plumbing built on the above.
@@ -146,14 +147,20 @@ class CurvatureWriter:
             self._writer = None
 
 
-def _figure(width: float = 5.0, height: float = 3.2):
+def agg_figure(width: float, height: float, dpi: int = 100):
+    """A matplotlib ``Figure`` on its own Agg canvas (also used by ``keras_curv.report``)."""
     # The object-oriented API with an explicit Agg canvas: no pyplot global state, and it
     # works headless whatever backend the user selected.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
+    return figure
+
+
+def _figure(width: float = 5.0, height: float = 3.2):
+    figure = agg_figure(width, height)
     return figure, figure.add_subplot(1, 1, 1)
 
 
@@ -166,27 +173,37 @@ def _to_image(figure) -> np.ndarray:
 
 def render_stem(values: Any, title: str, ylabel: str = "eigenvalue") -> np.ndarray:
     """A stem plot of ``values`` against their 1-based rank, as a ``(h, w, 4)`` uint8 image."""
-    values = np.asarray(values, dtype=np.float64)
     figure, axes = _figure()
+    draw_stem(axes, values, title, ylabel)
+    return _to_image(figure)
+
+
+def draw_stem(axes, values: Any, title: str, ylabel: str = "eigenvalue") -> None:
+    """Draws the stem plot of :func:`render_stem` on matplotlib ``axes``."""
+    values = np.asarray(values, dtype=np.float64)
     ranks = np.arange(1, len(values) + 1)
     axes.stem(ranks, values, basefmt="k-")
     axes.set_xlabel("rank")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    return _to_image(figure)
 
 
 def render_density(grid: Any, density: Any, title: str) -> np.ndarray:
     """The spectral density on a log scale (as it spans orders of magnitude), as an image."""
     figure, axes = _figure()
+    draw_density(axes, grid, density, title)
+    return _to_image(figure)
+
+
+def draw_density(axes, grid: Any, density: Any, title: str) -> None:
+    """Draws the log-scale density of :func:`render_density` on matplotlib ``axes``."""
     density = np.maximum(np.asarray(density, dtype=np.float64), 1e-12)
     axes.semilogy(np.asarray(grid), density)
     axes.set_xlabel("eigenvalue")
     axes.set_ylabel("density")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    return _to_image(figure)
 
 
 def render_heatmap(matrix: Any, title: str, xlabel: str, ylabel: str) -> np.ndarray:
