@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The NumPy/SciPy work here is on small matrices (Lanczos tridiagonals, C x C cosines);
+# BLAS threads spinning against TensorFlow's thread pool made it 50x slower on 2 cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import matplotlib  # noqa: E402
 
@@ -158,7 +161,12 @@ def evaluate_loss(model: keras.Model, x, y, batch_size: int) -> float:
     return float(result["loss"])
 
 
-def train(
+def train(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`fit` without the model: just its record."""
+    return fit(*args, **kwargs)[0]
+
+
+def fit(
     build: Callable[[], keras.Model],
     optimizer: keras.optimizers.Optimizer,
     data: DatasetSplits,
@@ -168,8 +176,8 @@ def train(
     seed: int,
     train_loss: bool = False,
     eval_batch_size: int = 1024,
-) -> dict[str, Any]:
-    """Trains a fresh model and returns its curves.
+) -> tuple[dict[str, Any], keras.Model]:
+    """Trains a fresh model and returns its curves and the trained model.
 
     The seed is reset before the model is built, so runs that differ only in the
     optimizer start from the same weights and see the batches in the same order.
@@ -187,7 +195,7 @@ def train(
         eval_batch_size: Batch size of evaluation passes.
 
     Returns:
-        A dict with lists ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``
+        ``(record, model)``: ``record`` is a dict with lists ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``
         (and ``train_loss``), floats ``step_seconds`` (median seconds per training
         step), ``seconds`` (wall time of ``fit``), ``num_params``, ``diverged``.
     """
@@ -228,7 +236,7 @@ def train(
         # TerminateOnNaN stops early, so a short curve also means divergence.
         diverged=(not finite) or len(record["val_loss"]) < epochs + 1,
     )
-    return record
+    return record, model
 
 
 def first_crossover(reference: Sequence[float], other: Sequence[float]) -> int | None:
