@@ -195,9 +195,10 @@ def fit(
         eval_batch_size: Batch size of evaluation passes.
 
     Returns:
-        ``(record, model)``: ``record`` is a dict with lists ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``
-        (and ``train_loss``), floats ``step_seconds`` (median seconds per training
-        step), ``seconds`` (wall time of ``fit``), ``num_params``, ``diverged``.
+        ``(record, model)``: ``record`` is a dict with lists ``loss``, ``accuracy``,
+        ``val_loss``, ``val_accuracy`` (and ``train_loss``), floats ``step_seconds``
+        (median seconds per training step), ``seconds`` (wall time of ``fit``),
+        ``num_params``, ``diverged``.
     """
     keras.utils.set_random_seed(seed)
     model = build()
@@ -308,8 +309,10 @@ def small_cnn_filters(input_shape: Sequence[int], num_classes: int, target: int)
     positions = int(np.prod([s // 2 for s in spatial]))
 
     def count(f: int) -> int:
-        return (taps * channels + 1) * f + (taps * f + 1) * 2 * f + (positions * 2 * f + 1) * (
-            num_classes
+        return (
+            (taps * channels + 1) * f
+            + (taps * f + 1) * 2 * f
+            + (positions * 2 * f + 1) * (num_classes)
         )
 
     return min(range(1, 257), key=lambda f: abs(count(f) - target))

@@ -1,4 +1,4 @@
-"""Appendix C / Fig. 4 of the class-subspace paper: do class gradients span the top Hessian subspace?
+"""Appendix C / Fig. 4 of the class-subspace paper: class gradients vs the top Hessian subspace.
 
 A small CNN is trained with SGD (momentum 0.9). On recorded batches, *before* the
 step, the batch class directions :math:`c^B_k` (mean gradient of the class-k logit

@@ -1,4 +1,4 @@
-"""Fig. 1 and Table 1 of the class-subspace paper: ResNet9 on CIFAR-10, SGD vs the quasi-Newton method.
+"""Fig. 1 and Table 1 of the class-subspace paper: ResNet9 on CIFAR-10, SGD vs quasi-Newton.
 
 For each learning rate in {1e-1, 5e-2, 1e-2} a ResNet9 (6.5M parameters) is trained
 from the same initial weights with SGD (momentum 0.9) and with
