@@ -119,7 +119,8 @@ def load_data(
             download=not args.no_download,
         )
     except DatasetUnavailableError as error:
-        print(f"{Path(sys.argv[0]).name}: {error} (or run with --smoke)", file=sys.stderr)
+        message = str(error).rstrip(".")
+        print(f"{Path(sys.argv[0]).name}: {message}; or run with --smoke.", file=sys.stderr)
         return None
 
 
@@ -137,18 +138,18 @@ class _Recorder(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.train_loss: list[float] = []
         self.step_seconds: list[float] = []
-        self._last: float | None = None
+        self._begin = 0.0
+        self._steps = 0
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._last = None
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        # Intervals between consecutive steps of one epoch: the first step of an epoch
-        # (tracing, data pipeline start) never counts.
-        if self._last is not None:
-            self.step_seconds.append(now - self._last)
-        self._last = now
+        # Keras converts `logs` to Python floats before calling back, so the step has
+        # finished here. The very first step (tracing) is not counted.
+        if self._steps > 0:
+            self.step_seconds.append(time.perf_counter() - self._begin)
+        self._steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
         if self.train_eval is not None:
