@@ -43,3 +43,67 @@ def small_cnn(
         ],
         name="small_cnn",
     )
+
+
+def resnet9(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    width: int = 64,
+    dtype: str | None = None,
+) -> keras.Model:
+    """The ResNet9 of the class-subspace paper's Fig. 1 (about 6.5M parameters at ``width=64``).
+
+    Eight 3x3 convolutions, each followed by BatchNorm and ReLU, with channels
+    ``w, 2w | 2w, 2w (residual) | 4w | 8w | 8w, 8w (residual)`` (``w`` = ``width``);
+    a 2x2 max-pool after the ``2w``, ``4w`` and first ``8w`` convolutions; then a
+    global max-pool and a dense layer of logits. The convolutions carry no bias (the
+    BatchNorm shift plays its part). With ``width=64`` on ``(32, 32, 3)`` inputs and
+    10 classes it has 6,577,610 parameters (6,573,130 trainable).
+
+    Args:
+        input_shape: ``(h, w, c)`` with ``h, w >= 8`` (three 2x2 poolings).
+        num_classes: Number of classes C (size of the logit layer).
+        width: Channels of the first convolution; the smoke examples use 4 or 8.
+        dtype: Layer dtype (``None``: the global policy).
+
+    Returns:
+        An uncompiled functional ``keras.Model`` that outputs logits.
+
+    Raises:
+        ValueError: an input that is not ``(h, w, c)`` with ``h, w >= 8``, or ``width < 1``.
+
+    Example:
+        >>> model = resnet9((32, 32, 3), 10)
+        >>> model.count_params()
+        6577610
+    """
+    if len(input_shape) != 3 or min(input_shape[:2]) < 8:
+        raise ValueError(
+            f"resnet9 expects (h, w, c) images with h, w >= 8 (it pools three times); "
+            f"got {input_shape}."
+        )
+    if isinstance(width, bool) or int(width) != width or width < 1:
+        raise ValueError(f"`width` must be a positive integer; got {width!r}.")
+
+    def conv_bn(tensor, filters):
+        tensor = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype)(
+            tensor
+        )
+        tensor = keras.layers.BatchNormalization(dtype=dtype)(tensor)
+        return keras.layers.ReLU(dtype=dtype)(tensor)
+
+    def residual(tensor, filters):
+        branch = conv_bn(conv_bn(tensor, filters), filters)
+        return keras.layers.Add(dtype=dtype)([tensor, branch])
+
+    inputs = keras.Input(tuple(input_shape))
+    x = conv_bn(inputs, width)
+    x = keras.layers.MaxPooling2D(2, dtype=dtype)(conv_bn(x, 2 * width))
+    x = residual(x, 2 * width)
+    x = keras.layers.MaxPooling2D(2, dtype=dtype)(conv_bn(x, 4 * width))
+    x = keras.layers.MaxPooling2D(2, dtype=dtype)(conv_bn(x, 8 * width))
+    x = residual(x, 8 * width)
+    x = keras.layers.GlobalMaxPooling2D(dtype=dtype)(x)
+    outputs = keras.layers.Dense(num_classes, dtype=dtype)(x)
+    return keras.Model(inputs, outputs, name="resnet9")
