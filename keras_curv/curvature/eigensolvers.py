@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_curv.curvature.lanczos import lanczos, tridiagonal
+from keras_curv.curvature.lanczos import lanczos, tridiagonal_eigh
 from keras_curv.curvature.operators import LinearOperator
 
 METHODS = ("lanczos", "nystrom", "power")
@@ -204,7 +204,7 @@ def _lanczos(op, k, tol, max_iters, rng, init):
         m = len(alphas)
         if m < k:
             return False
-        theta, s = np.linalg.eigh(tridiagonal(alphas, betas[:-1]))
+        theta, s = tridiagonal_eigh(alphas, betas[:-1])
         top = np.argsort(-theta, kind="stable")[:k]
         residuals = np.abs(betas[-1] * s[-1, top])
         floor = eps * np.max(np.abs(theta))
@@ -216,7 +216,7 @@ def _lanczos(op, k, tol, max_iters, rng, init):
 
     dec = lanczos(op, start, steps, return_basis=True, restart_rng=rng, stop=check)
     m = dec.num_steps
-    theta, s = np.linalg.eigh(dec.tridiagonal())
+    theta, s = dec.eigh()
     top = np.argsort(-theta, kind="stable")[:k]
     coeffs = tf.constant(s[:, top], tf.float64)
     vecs = tf.linalg.matmul(dec.basis, coeffs, transpose_a=True)

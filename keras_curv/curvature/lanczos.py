@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 from keras_curv.curvature.operators import LinearOperator
@@ -56,6 +57,10 @@ class LanczosDecomposition:
         """The ``(m, m)`` matrix :math:`T_m` as a dense float64 array."""
         return tridiagonal(self.alphas, self.betas[:-1])
 
+    def eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (ascending) and eigenvectors of :math:`T_m`; see :func:`tridiagonal_eigh`."""
+        return tridiagonal_eigh(self.alphas, self.betas[:-1])
+
 
 def tridiagonal(alphas: np.ndarray, off: np.ndarray) -> np.ndarray:
     """Dense symmetric tridiagonal matrix from its diagonal and off-diagonal."""
@@ -63,6 +68,21 @@ def tridiagonal(alphas: np.ndarray, off: np.ndarray) -> np.ndarray:
     if len(off):
         t += np.diag(off, 1) + np.diag(off, -1)
     return t
+
+
+def tridiagonal_eigh(alphas: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a symmetric tridiagonal matrix, in O(m^2) by LAPACK's stemr.
+
+    Much cheaper than a dense ``eigh`` of :func:`tridiagonal` (which also spins up BLAS
+    threads that compete with TensorFlow's): it runs after every Lanczos step.
+
+    Returns:
+        ``(theta, s)``: ascending eigenvalues and the matching unit eigenvectors (columns).
+    """
+    alphas = np.asarray(alphas, np.float64)
+    if len(alphas) == 1:
+        return alphas.copy(), np.ones((1, 1))
+    return scipy.linalg.eigh_tridiagonal(alphas, np.asarray(off, np.float64))
 
 
 def _orthogonalise(w: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:

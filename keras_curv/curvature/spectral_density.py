@@ -118,7 +118,7 @@ def spectral_density(
             v = rng.standard_normal(dim)
         # No restarts: at a breakdown the rule is already exact for this probe.
         dec = lanczos(op, v, num_steps)
-        theta, s = np.linalg.eigh(dec.tridiagonal())
+        theta, s = dec.eigh()
         m = len(theta)
         nodes[p, :m] = theta
         nodes[p, m:] = theta[-1]

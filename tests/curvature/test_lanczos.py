@@ -236,3 +236,15 @@ class TestValidation:
     def test_bad_numbers(self, kwargs):
         with pytest.raises(ValueError):
             top_eigenpairs(self.op, 2, **kwargs)
+
+
+def test_tridiagonal_eigh_matches_dense_eigh():
+    from keras_curv.curvature.lanczos import tridiagonal, tridiagonal_eigh
+
+    rng = np.random.default_rng(4)
+    for m in (1, 2, 7, 60):
+        alphas, off = rng.normal(size=m), rng.uniform(0.1, 1.0, size=m - 1)
+        theta, s = tridiagonal_eigh(alphas, off)
+        dense_theta, dense_s = np.linalg.eigh(tridiagonal(alphas, off))
+        np.testing.assert_allclose(theta, dense_theta, atol=1e-12)
+        np.testing.assert_allclose(np.abs(s), np.abs(dense_s), atol=1e-9)
