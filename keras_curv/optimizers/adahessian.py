@@ -270,8 +270,10 @@ class AdaHessian(keras.optimizers.Optimizer):
             # Curvature statistics are kept in float32 at least (float16 under
             # mixed precision would overflow in the square of the EMA).
             dtype = tf.float64 if grads[0].dtype == tf.float64 else tf.float32
-            return [tf.cast(z, dtype) * (tf.cast(hz, dtype) / tf.cast(scale, dtype))
-                    for z, hz in zip(probes, products)]
+            return [
+                tf.cast(z, dtype) * (tf.cast(hz, dtype) / tf.cast(scale, dtype))
+                for z, hz in zip(probes, products)
+            ]
 
         if self.n_samples == 1:
             return estimate(signs[0])

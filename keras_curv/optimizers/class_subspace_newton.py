@@ -275,9 +275,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         # written from the replica context: "only_first_replica" aggregation.
         shared = {"aggregation": "only_first_replica"}
         self._class_sums = [
-            self.add_variable(
-                (num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}", **shared
-            )
+            self.add_variable((num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}", **shared)
             for i, v in enumerate(variables)
         ]
         self._curvature_sq = self.add_variable(
@@ -383,9 +381,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             seeds = gate.enter(tf.eye(num_classes, dtype=per_class.dtype))
 
             def one_row(unit):
-                return _flat.zeros_for_none(
-                    tf.gradients(per_class, handles, grad_ys=unit), handles
-                )
+                return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
             class_grads = [gate.exit(j) for j in integration.stacked_map(one_row, seeds)]
         class_grads = _hardening.all_reduce_sum(class_grads)
@@ -395,9 +391,10 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         present = gate.mask(tf.logical_and(counts > 0, class_finite))
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
-            spread = _hardening.all_reduce_sum(
-                tf.reduce_sum(weighted * probs * (1 - probs), axis=0)
-            ) / size
+            spread = (
+                _hardening.all_reduce_sum(tf.reduce_sum(weighted * probs * (1 - probs), axis=0))
+                / size
+            )
             stats["curvature"] = spread * _per_class_sq_norm(class_grads, dtype)
             stats["present"] = tf.logical_and(present, tf.math.is_finite(stats["curvature"]))
             return stats
@@ -414,9 +411,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         block = _hardening.all_reduce_sum(gate.exit(block))
         stats["curvature"] = tf.linalg.diag_part(block)
         stats["block"] = block
-        stats["present"] = tf.logical_and(
-            present, tf.reduce_all(tf.math.is_finite(block))
-        )
+        stats["present"] = tf.logical_and(present, tf.reduce_all(tf.math.is_finite(block)))
         return stats
 
     @staticmethod
@@ -681,9 +676,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         count into the training logs.
         """
         if not self.built:
-            raise ValueError(
-                "The optimizer has no state yet: train at least one step first."
-            )
+            raise ValueError("The optimizer has no state yet: train at least one step first.")
         return self._skipped_steps
 
     @property

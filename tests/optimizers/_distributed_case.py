@@ -111,9 +111,7 @@ def main(names):
         b = [np.asarray(w, np.float64) for w in double.get_weights()]
         report[name] = {
             "abs": max(float(np.max(np.abs(p - q))) for p, q in zip(a, b)),
-            "rel": max(
-                float(np.max(np.abs(p - q) / (np.abs(p) + 1e-3))) for p, q in zip(a, b)
-            ),
+            "rel": max(float(np.max(np.abs(p - q) / (np.abs(p) + 1e-3))) for p, q in zip(a, b)),
             "moved": max(float(np.max(np.abs(p - q))) for p, q in zip(a, _initial(name))),
             "iterations": [int(np.asarray(m.optimizer.iterations.value)) for m in (single, double)],
             "replicas_agree": _replicas_agree(double.optimizer),
