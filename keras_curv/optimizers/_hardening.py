@@ -23,6 +23,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from keras_curv.optimizers import integration
+
 
 def _replica_context() -> tf.distribute.ReplicaContext | None:
     """The replica context when more than one replica is in sync, else ``None``."""
@@ -36,6 +38,25 @@ def num_replicas() -> int:
     """Number of replicas in sync (1 without a distribution strategy)."""
     context = tf.distribute.get_replica_context()
     return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def current_batch(optimizer) -> integration.TrainBatch:
+    """:func:`integration.current_batch`, with the multi-replica mixed-precision case named.
+
+    Under a strategy that needs ``merge_call`` (``MirroredStrategy`` on CPUs, for
+    example), ``LossScaleOptimizer`` calls the inner optimizer from threads of its
+    own, where the train step's frame cannot be found.
+    """
+    try:
+        return integration.current_batch(optimizer)
+    except integration.CurvatureContextError as error:
+        if num_replicas() > 1 and not tf.executing_eagerly():
+            raise integration.CurvatureContextError(
+                f"{error} Under a multi-replica distribution strategy, {type(optimizer).__name__}"
+                " cannot be wrapped in a LossScaleOptimizer (mixed_float16) yet: train in "
+                "float32 there (mixed precision works on a single replica)."
+            ) from error
+        raise
 
 
 def all_reduce_sum(values: Any) -> Any:

@@ -8,7 +8,8 @@ logical CPUs (each replica sees half of every batch). It prints one JSON line:
 per case, the largest absolute and relative weight difference, and whether each
 optimizer variable holds equal values on both replicas.
 
-Usage: ``python tests/optimizers/_distributed_case.py CASE [CASE ...]``.
+Usage: ``python tests/optimizers/_distributed_case.py CASE [CASE ...]``, or
+``... --mixed-float16-error`` for the unsupported LossScaleOptimizer case.
 """
 
 from __future__ import annotations
@@ -124,5 +125,25 @@ def _initial(name):
     return [np.asarray(w, np.float64) for w in _model(CASES[name][1]).get_weights()]
 
 
+def mixed_float16_error():
+    """The error a LossScaleOptimizer-wrapped curvature optimizer gives on 2 replicas."""
+    from keras_curv.optimizers import CurvatureContextError
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x, y, _ = _data(False)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        model = _model("mixed_float16")
+        model.compile(optimizer=AdaHessian(), loss="sparse_categorical_crossentropy")
+    try:
+        model.fit(x.astype("float32"), y, batch_size=16, epochs=1, verbose=0)
+    except CurvatureContextError as error:
+        print(json.dumps({"error": str(error)}))
+    else:
+        print(json.dumps({"error": None}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CASES))
+    if sys.argv[1:] == ["--mixed-float16-error"]:
+        mixed_float16_error()
+    else:
+        main(sys.argv[1:] or list(CASES))

@@ -59,6 +59,20 @@ def test_two_replicas_equal_one_device_on_the_global_batch(distributed_report, c
     assert result["replicas_agree"]
 
 
+@pytest.mark.slow
+def test_loss_scaling_on_two_replicas_is_refused_with_instructions():
+    done = subprocess.run(
+        [sys.executable, _CASE_SCRIPT, "--mixed-float16-error"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    error = json.loads(done.stdout.strip().splitlines()[-1])["error"]
+    assert error is not None and "multi-replica" in error and "float32" in error
+
+
 # ------------------------------------------------------------ non-finite steps
 
 
