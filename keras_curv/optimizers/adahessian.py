@@ -106,6 +106,13 @@ class AdaHessian(keras.optimizers.Optimizer):
     them, see below) and only ``v``'s update is skipped. State: two slots (``m``,
     ``v``) per variable, as Adam.
 
+    Hardening (see ``docs/hardening.md``): under a ``tf.distribute`` strategy the
+    replicas draw the same probes and their estimates are summed before ``|.|``, so a
+    step equals the single-device step on the global batch. A step whose loss or
+    gradient is not finite, or whose first Hessian estimate is not, is skipped
+    (weights and state untouched, ``iterations`` included) and counted in
+    :attr:`skipped_steps`.
+
     The optimizer needs the batch, not only gradients: use it through
     ``model.compile``/``model.fit`` (also with ``jit_compile``, ``steps_per_execution``
     and mixed precision) or :func:`keras_curv.optimizers.curvature_step`; calling

@@ -148,6 +148,13 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     infinite eq. 15 step, which ``damping`` or ``max_inverse_curvature`` prevent. With
     ``gradient_accumulation_steps`` the statistics come from the last micro-batch.
 
+    Hardening (see ``docs/hardening.md``): under a ``tf.distribute`` strategy the
+    counts and per-class sums are reduced over replicas, so the statistics are those of
+    the global batch. A step whose loss or gradient is not finite is skipped (weights
+    and state untouched, ``iterations`` included) and counted in :attr:`skipped_steps`;
+    a class with non-finite statistics counts as absent, and one whose Newton
+    coefficient is not finite (:math:`\lambda_k` underflowed to 0) takes the SGD step.
+
     Args:
         learning_rate: :math:`\eta`, a float or a Keras learning-rate schedule.
         gamma: EMA decay :math:`\gamma \in (0, 1)` of eq. 16–17.
