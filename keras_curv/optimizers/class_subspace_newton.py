@@ -144,8 +144,9 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     Cost: one vectorised Jacobian of C per-class sums per refresh (C reverse passes);
     ``"gauss_newton"``/``"projected_newton"`` add one reverse pass and C
     double-backward passes. A class with a zero direction takes no Newton step;
-    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) gives an
-    infinite eq. 15 step, which ``damping`` or ``max_inverse_curvature`` prevent. With
+    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) would give
+    an infinite eq. 15 step: that class takes the SGD step instead, and ``damping`` or
+    ``max_inverse_curvature`` bound large finite :math:`1/\lambda_k`. With
     ``gradient_accumulation_steps`` the statistics come from the last micro-batch.
 
     Hardening (see ``docs/hardening.md``): under a ``tf.distribute`` strategy the
