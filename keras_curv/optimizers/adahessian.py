@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_curv.curvature import _flat
-from keras_curv.optimizers import integration
+from keras_curv.optimizers import _hardening, integration
 
 
 class _StepStats:
@@ -105,6 +105,13 @@ class AdaHessian(keras.optimizers.Optimizer):
     ``jit_compile`` where the products are computed at every step (XLA cannot skip
     them, see below) and only ``v``'s update is skipped. State: two slots (``m``,
     ``v``) per variable, as Adam.
+
+    Hardening (see ``docs/hardening.md``): under a ``tf.distribute`` strategy the
+    replicas draw the same probes and their estimates are summed before ``|.|``, so a
+    step equals the single-device step on the global batch. A step whose loss or
+    gradient is not finite, or whose first Hessian estimate is not, is skipped
+    (weights and state untouched, ``iterations`` included) and counted in
+    :attr:`skipped_steps`.
 
     The optimizer needs the batch, not only gradients: use it through
     ``model.compile``/``model.fit`` (also with ``jit_compile``, ``steps_per_execution``
@@ -218,8 +225,21 @@ class AdaHessian(keras.optimizers.Optimizer):
         self._momentums, self._hessian_emas = self.add_optimizer_variables(
             var_list, ["momentum", "hessian_ema"]
         )
+        # Counters are equal on every replica: "only_first_replica" lets a replica
+        # context update them under a distribution strategy.
         self._hessian_iterations = self.add_variable(
-            shape=(), initializer="zeros", dtype="int64", name="hessian_iteration"
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            name="hessian_iteration",
+            aggregation="only_first_replica",
+        )
+        self._skipped_steps = self.add_variable(
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            name="skipped_steps",
+            aggregation="only_first_replica",
         )
         self._seed_generator = keras.random.SeedGenerator(self.seed, name="adahessian_probes")
         # Tracked so the RNG state is saved, loaded and resumed with the optimizer.
@@ -235,10 +255,12 @@ class AdaHessian(keras.optimizers.Optimizer):
         )
         return 2 * bits - 1
 
-    def _hessian_diagonals(self, batch: integration.TrainBatch, signs: tf.Tensor) -> list:
-        """``D`` per variable of ``batch`` from the probes ``signs``; built in the step graph.
+    def _probe_estimates(self, batch: integration.TrainBatch, signs: tf.Tensor) -> list:
+        """``(1/S) sum_s z_s ⊙ (H z_s)`` per variable of ``batch``; built in the step graph.
 
-        The Hessian-vector products are built here (not through
+        ``H`` is the Hessian of this replica's loss (Keras divides it by the number of
+        replicas), so the sum of the estimates over replicas is that of the global
+        batch. The Hessian-vector products are built here (not through
         ``batch.hessian_vector_product``, which re-enters the step graph) so that they
         also work inside ``tf.vectorized_map``'s function for ``n_samples > 1``.
         """
@@ -252,29 +274,44 @@ class AdaHessian(keras.optimizers.Optimizer):
             ]
             products = _flat.zeros_for_none(tf.gradients(grads, handles, grad_ys=probes), handles)
             scale = tf.cast(tf.convert_to_tensor(batch.loss_scale), grads[0].dtype)
-            return [z * (hz / scale) for z, hz in zip(probes, products)]
+            # Curvature statistics are kept in float32 at least (float16 under
+            # mixed precision would overflow in the square of the EMA).
+            dtype = tf.float64 if grads[0].dtype == tf.float64 else tf.float32
+            return [
+                tf.cast(z, dtype) * (tf.cast(hz, dtype) / tf.cast(scale, dtype))
+                for z, hz in zip(probes, products)
+            ]
 
         if self.n_samples == 1:
-            estimates = estimate(signs[0])
-        else:
-            estimates = integration.stacked_map(estimate, signs)
-            estimates = [tf.reduce_mean(e, axis=0) for e in estimates]
-        return [_spatial_average(tf.abs(e)) for e in estimates]
+            return estimate(signs[0])
+        estimates = integration.stacked_map(estimate, signs)
+        return [tf.reduce_mean(e, axis=0) for e in estimates]
 
-    def _lazy_hessian_diagonals(self, batch, signs, is_hessian_step) -> list:
-        """``D`` computed only when ``is_hessian_step`` holds (zeros otherwise).
+    def _hessian_diagonals(self, batch, signs, is_hessian_step=None) -> list:
+        """``D`` per variable, reduced over replicas; zeros where ``is_hessian_step`` fails.
 
-        Every op of the Hessian-vector products depends on the probes, so gating the
-        probes skips them all (see :class:`~keras_curv.optimizers.integration.StepGate`).
-        Under XLA the products run at every step and only the use of ``D`` (the update
-        of ``v``) is skipped.
+        With a predicate, every op of the Hessian-vector products depends on the
+        gated probes, so they do not run on skipped steps (see
+        :class:`~keras_curv.optimizers.integration.StepGate`); under XLA they run at
+        every step and only the use of ``D`` (the update of ``v``) is skipped. The
+        replicas' estimates are summed before the absolute value, so ``D`` is the
+        estimate of the global batch.
         """
         gate = integration.StepGate(is_hessian_step)
-        return [gate.exit(d) for d in self._hessian_diagonals(batch, gate.enter(signs))]
+        estimates = [gate.exit(e) for e in self._probe_estimates(batch, gate.enter(signs))]
+        estimates = _hardening.all_reduce_sum(estimates)
+        return [_spatial_average(tf.abs(e)) for e in estimates]
 
     def apply(self, grads: list, trainable_variables: list | None = None):
-        """Builds this step's Hessian-diagonal estimate, then applies the update."""
-        batch = integration.current_batch(self)
+        """Builds this step's Hessian-diagonal estimate, then applies or skips the update.
+
+        The step is skipped (weights and every state variable untouched,
+        ``iterations`` included; :attr:`skipped_steps` counts it) when the loss or a
+        gradient is not finite, or when this step's Hessian estimate is not finite and
+        no earlier estimate exists to precondition with. A non-finite estimate after
+        that skips only the update of ``v`` (the step uses the stored ``v``).
+        """
+        batch = _hardening.current_batch(self)
         if not self.built:
             if trainable_variables is None:
                 return super().apply(grads, trainable_variables)  # raises Keras's error
@@ -291,18 +328,30 @@ class AdaHessian(keras.optimizers.Optimizer):
             else:
                 iteration = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
                 is_hessian_step = tf.equal(tf.math.floormod(iteration, self.update_each), 0)
-                diagonals = self._lazy_hessian_diagonals(batch, signs, is_hessian_step)
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in diagonals])
-            updated = tf.logical_and(is_hessian_step, finite)
-        self._stats.diagonals = {self._var_key(v): d for v, d in zip(variables, diagonals)}
+                diagonals = self._hessian_diagonals(batch, signs, is_hessian_step)
+            updated = tf.logical_and(is_hessian_step, _hardening.all_finite(diagonals))
+        gradients_finite = _hardening.all_finite_on_every_replica([*grads, batch.loss])
+        has_curvature = tf.logical_or(updated, self._hessian_iterations > 0)
+        proceed = tf.logical_and(gradients_finite, has_curvature)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        stats = {self._var_key(v): d for v, d in zip(variables, diagonals)}
+        _hardening.apply_or_skip(
+            proceed,
+            self._apply_with_stats,
+            (list(grads), trainable_variables, stats, updated),
+            self._skipped_steps,
+        )
+
+    def _apply_with_stats(self, grads, trainable_variables, diagonals, updated) -> None:
+        self._stats.diagonals = diagonals
         self._stats.updated = updated
         try:
-            result = super().apply(grads, trainable_variables)
+            super().apply(grads, trainable_variables)
             self._hessian_iterations.assign_add(tf.cast(updated, tf.int64))
         finally:
             self._stats.diagonals = None
             self._stats.updated = None
-        return result
 
     def update_step(self, gradient, variable, learning_rate) -> None:
         """Update of one variable given its gradient and this step's ``D``."""
@@ -351,6 +400,17 @@ class AdaHessian(keras.optimizers.Optimizer):
         self._check_built()
         return self._hessian_iterations
 
+    @property
+    def skipped_steps(self):
+        """Number of steps skipped for a non-finite loss, gradient or first curvature.
+
+        Skipped steps leave the weights and all other state untouched (``iterations``
+        does not advance). :class:`keras_curv.callbacks.SkippedSteps` copies this
+        count into the training logs.
+        """
+        self._check_built()
+        return self._skipped_steps
+
     def _bias_corrected_rms(self) -> list[tf.Tensor]:
         """``sqrt(v / (1 − β2^τ))`` per variable, in float32 (zeros before any Hessian step)."""
         self._check_built()
@@ -376,13 +436,15 @@ class AdaHessian(keras.optimizers.Optimizer):
             ``hessian_diagonal_rms``: :meth:`mean_curvature`;
             ``hessian_diagonal_rms_per_variable``: the same mean for each trainable
             variable, in order (a vector: a histogram and one scalar per variable in
-            TensorBoard); ``hessian_updates``: ``τ``, the number of Hessian steps.
+            TensorBoard); ``hessian_updates``: ``τ``, the number of Hessian steps;
+            ``skipped_steps``: :attr:`skipped_steps`.
         """
         rms = self._bias_corrected_rms()
         return {
             "hessian_diagonal_rms": self.mean_curvature(),
             "hessian_diagonal_rms_per_variable": tf.stack([tf.reduce_mean(r) for r in rms]),
             "hessian_updates": tf.cast(self._hessian_iterations, tf.float32),
+            "skipped_steps": tf.cast(self._skipped_steps, tf.float32),
         }
 
     def _check_built(self) -> None:

@@ -42,7 +42,7 @@ from keras_curv.curvature import _flat
 from keras_curv.curvature._data import class_targets
 from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.class_gradients import class_scores, num_classes_of
-from keras_curv.optimizers import integration
+from keras_curv.optimizers import _hardening, integration
 
 _CURVATURES = ("paper", "gauss_newton", "projected_newton")
 _INVERSES = ("diagonal", "exact")
@@ -150,9 +150,17 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     Cost: one vectorised Jacobian of C per-class sums per refresh (C reverse passes);
     ``"gauss_newton"``/``"projected_newton"`` add one reverse pass and C
     double-backward passes. A class with a zero direction takes no Newton step;
-    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) gives an
-    infinite eq. 15 step, which ``damping`` or ``max_inverse_curvature`` prevent. With
+    :math:`\lambda_k = 0` with a non-zero direction (saturated probabilities) would give
+    an infinite eq. 15 step: that class takes the SGD step instead, and ``damping`` or
+    ``max_inverse_curvature`` bound large finite :math:`1/\lambda_k`. With
     ``gradient_accumulation_steps`` the statistics come from the last micro-batch.
+
+    Hardening (see ``docs/hardening.md``): under a ``tf.distribute`` strategy the
+    counts and per-class sums are reduced over replicas, so the statistics are those of
+    the global batch. A step whose loss or gradient is not finite is skipped (weights
+    and state untouched, ``iterations`` included) and counted in :attr:`skipped_steps`;
+    a class with non-finite statistics counts as absent, and one whose Newton
+    coefficient is not finite (:math:`\lambda_k` underflowed to 0) takes the SGD step.
 
     Args:
         learning_rate: :math:`\eta`, a float or a Keras learning-rate schedule.
@@ -259,6 +267,9 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
+        self._skipped_steps = self.add_variable(
+            (), dtype="int64", name="skipped_steps", aggregation="only_first_replica"
+        )
         self._momentums = []
         if self.momentum > 0:
             self._momentums = [
@@ -274,15 +285,22 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         variables = self._trainable_variables
         num = self.num_classes
         self._stat_dtype = variables[0].dtype
+        # Built from statistics reduced over replicas, so equal on every replica and
+        # written from the replica context: "only_first_replica" aggregation.
+        shared = {"aggregation": "only_first_replica"}
         self._class_sums = [
-            self.add_variable((num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}")
+            self.add_variable((num, *v.shape), dtype=v.dtype, name=f"class_gradient_{i}", **shared)
             for i, v in enumerate(variables)
         ]
-        self._curvature_sq = self.add_variable((num,), dtype=self._stat_dtype, name="curvature_sq")
-        self._class_steps = self.add_variable((num,), dtype=self._stat_dtype, name="class_steps")
+        self._curvature_sq = self.add_variable(
+            (num,), dtype=self._stat_dtype, name="curvature_sq", **shared
+        )
+        self._class_steps = self.add_variable(
+            (num,), dtype=self._stat_dtype, name="class_steps", **shared
+        )
         if self.curvature_mode == "projected_newton":
             self._subspace_curvature = self.add_variable(
-                (num, num), dtype=self._stat_dtype, name="subspace_curvature"
+                (num, num), dtype=self._stat_dtype, name="subspace_curvature", **shared
             )
         self._class_state_built = True
 
@@ -355,14 +373,17 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         scores = tf.cast(class_scores(batch.model, batch.y_pred), dtype)
         probs = tf.nn.softmax(scores, axis=-1)
         onehot = class_targets(batch.y, num_classes, dtype)
-        size = tf.cast(tf.shape(scores)[0], dtype)
         if batch.sample_weight is None:
             weights = tf.ones_like(scores[:, 0])
         else:
             weights = tf.reshape(tf.cast(batch.sample_weight, dtype), [-1])
         weighted = onehot * weights[:, None]
-        counts = tf.reduce_sum(weighted, axis=0)
-        present = gate.mask(counts > 0)
+        # Under a distribution strategy each replica holds a shard of the batch: the
+        # class means and the curvature are those of the global batch, so counts,
+        # size and every per-sample sum below are reduced over the replicas.
+        counts, size = _hardening.all_reduce_sum(
+            [tf.reduce_sum(weighted, axis=0), tf.cast(tf.shape(scores)[0], dtype)]
+        )
         safe_counts = tf.where(counts > 0, counts, tf.ones_like(counts))
         per_class = tf.reduce_sum(weighted * scores, axis=0) / safe_counts
         handles = batch._handles()
@@ -377,10 +398,19 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
                 return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
             class_grads = [gate.exit(j) for j in integration.stacked_map(one_row, seeds)]
+        class_grads = _hardening.all_reduce_sum(class_grads)
+        # A class whose statistics are not finite (an overflow, a NaN sample) is
+        # treated as absent from this batch: its EMAs and count stay as they are.
+        class_finite = tf.math.is_finite(_per_class_sq_norm(class_grads, dtype))
+        present = gate.mask(tf.logical_and(counts > 0, class_finite))
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
-            spread = tf.reduce_sum(weighted * probs * (1 - probs), axis=0) / size
+            spread = (
+                _hardening.all_reduce_sum(tf.reduce_sum(weighted * probs * (1 - probs), axis=0))
+                / size
+            )
             stats["curvature"] = spread * _per_class_sq_norm(class_grads, dtype)
+            stats["present"] = tf.logical_and(present, tf.math.is_finite(stats["curvature"]))
             return stats
         # Gauss-Newton curvature along the *updated* directions.
         sums, curvature_sq, steps = self._read_state()
@@ -392,9 +422,10 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         block = self._gauss_newton_block(
             handles, scores, gate.enter(tf.zeros_like(scores)), probs, weights, size, directions
         )
-        block = gate.exit(block)
+        block = _hardening.all_reduce_sum(gate.exit(block))
         stats["curvature"] = tf.linalg.diag_part(block)
         stats["block"] = block
+        stats["present"] = tf.logical_and(present, tf.reduce_all(tf.math.is_finite(block)))
         return stats
 
     @staticmethod
@@ -473,7 +504,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     # ----------------------------------------------------------------- update
 
     def apply(self, grads, trainable_variables=None):
-        batch = integration.current_batch(self)
+        batch = _hardening.current_batch(self)
         if not self.built:
             variables = trainable_variables or batch.variables
             with keras.name_scope(self.name, caller=self):
@@ -489,9 +520,22 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         self._ensure_class_state(num_classes)
         with batch.step_graph():
             stats = self._batch_statistics(batch, num_classes)
+        # A non-finite loss or gradient (e.g. a NaN input) skips the whole step;
+        # non-finite class statistics only drop those classes (see _batch_statistics).
+        proceed = _hardening.all_finite_on_every_replica([*grads, batch.loss])
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        _hardening.apply_or_skip(
+            proceed,
+            self._apply_with_stats,
+            (list(grads), trainable_variables, stats),
+            self._skipped_steps,
+        )
+
+    def _apply_with_stats(self, grads, trainable_variables, stats) -> None:
         self._pending = stats
         try:
-            return super().apply(grads, trainable_variables)
+            super().apply(grads, trainable_variables)
         finally:
             self._pending = None
             self._coefficients = None
@@ -521,16 +565,31 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
 
         _, curvature, directions, alive = self._derived(new_sums, new_sq, new_steps)
         indices = [self._get_variable_index(v) for v in trainable_variables]
+        # The projections v_k^T g need the gradient of the global batch: sum it over
+        # replicas here (as Keras's TF optimizer does before update_step) and hand the
+        # reduced gradients to the per-variable update without reducing them again.
+        grads_and_vars = self._all_reduce_sum_gradients(
+            list(zip(grads, [getattr(v, "value", v) for v in trainable_variables]))
+        )
         lr = tf.cast(learning_rate, dtype)
         projections = _per_class_dot(
-            [directions[i] for i in indices], [tf.convert_to_tensor(g) for g in grads], dtype
+            [directions[i] for i in indices],
+            [tf.convert_to_tensor(g) for g, _ in grads_and_vars],
+            dtype,
         )
         coefficients = self._coefficients_for(curvature, directions, projections, lr, block)
         # A class without a direction (never seen, or a zero class gradient) takes no
-        # Newton step; this also keeps 1/lambda = inf (lambda = 0) from reaching 0 * inf.
-        self._coefficients = tf.where(alive, coefficients, tf.zeros_like(coefficients))
+        # Newton step, nor does one whose Newton coefficient is not finite (lambda_k
+        # underflowed to 0, so 1/lambda_k = inf): it gets the SGD step instead.
+        usable = tf.logical_and(alive, tf.math.is_finite(coefficients))
+        self._coefficients = tf.where(usable, coefficients, tf.zeros_like(coefficients))
         self._step_directions = directions
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step,
+            self._distribution_strategy,
+            grads_and_vars,
+            learning_rate,
+        )
 
     def _effective_curvature(self, curvature):
         curvature = curvature + tf.constant(self.damping, curvature.dtype)
@@ -611,14 +670,28 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             ``curvature``: :math:`\lambda_k` per class; ``inverse_curvature``: the
             Newton step sizes :math:`1/\lambda_k` (after damping and cap);
             ``class_updates``: :math:`t_k` per class. Each is a ``(C,)`` vector (a
-            histogram and one scalar per class in TensorBoard).
+            histogram and one scalar per class in TensorBoard). ``skipped_steps``:
+            :attr:`skipped_steps` (a scalar).
         """
         curvature = self.curvature
         return {
             "curvature": curvature,
             "inverse_curvature": 1.0 / self._effective_curvature(curvature),
             "class_updates": tf.cast(self.class_counts, curvature.dtype),
+            "skipped_steps": tf.cast(self._skipped_steps, curvature.dtype),
         }
+
+    @property
+    def skipped_steps(self):
+        """Number of steps skipped for a non-finite loss or gradient.
+
+        Skipped steps leave the weights and all other state untouched (``iterations``
+        does not advance). :class:`keras_curv.callbacks.SkippedSteps` copies this
+        count into the training logs.
+        """
+        if not self.built:
+            raise ValueError("The optimizer has no state yet: train at least one step first.")
+        return self._skipped_steps
 
     @property
     def class_counts(self) -> tf.Tensor:

@@ -1,0 +1,149 @@
+"""Golden check run in its own process: 2-replica MirroredStrategy == one device.
+
+The logical CPU devices must be configured before TensorFlow runs any op, which
+the shared pytest process has long done; ``test_hardening.py`` runs this file with
+``python``. It trains the same model from the same initial weights on the same
+global batches twice: without a strategy, and under ``MirroredStrategy`` over two
+logical CPUs (each replica sees half of every batch). It prints one JSON line:
+per case, the largest absolute and relative weight difference, and whether each
+optimizer variable holds equal values on both replicas.
+
+Usage: ``python tests/optimizers/_distributed_case.py CASE [CASE ...]``, or
+``... --mixed-float16-error`` for the unsupported LossScaleOptimizer case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+_CPU = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _CPU, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton  # noqa: E402
+
+# name -> (optimizer factory, dtype, use sample weights, batch size)
+CASES = {
+    "adahessian_f64": (lambda: AdaHessian(0.05, seed=3), "float64", False),
+    "adahessian_f32": (lambda: AdaHessian(0.05, seed=3), "float32", False),
+    "adahessian_samples_update_each": (
+        lambda: AdaHessian(0.05, seed=5, n_samples=2, update_each=2, weight_decay=0.01),
+        "float64",
+        True,
+    ),
+    "csn_paper_f64": (lambda: ClassSubspaceNewton(0.05, damping=0.1), "float64", False),
+    "csn_paper_f32": (lambda: ClassSubspaceNewton(0.05, damping=0.1), "float32", False),
+    "csn_gauss_newton_weighted": (
+        lambda: ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3),
+        "float64",
+        True,
+    ),
+    "csn_projected_exact": (
+        lambda: ClassSubspaceNewton(
+            0.05, curvature="projected_newton", inverse="exact", damping=0.05, update_each=2
+        ),
+        "float64",
+        False,
+    ),
+}
+
+
+def _model(dtype: str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, activation="tanh", dtype=dtype),
+            keras.layers.Dense(3, dtype=dtype),
+        ]
+    )
+
+
+def _data(weighted: bool):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 5))
+    y = rng.integers(0, 3, 48)
+    weights = rng.uniform(0.2, 2.0, 48) if weighted else None
+    return x, y, weights
+
+
+def _train(strategy, name: str):
+    factory, dtype, weighted = CASES[name]
+    x, y, weights = _data(weighted)
+    with strategy.scope():
+        model = _model(dtype)
+        model.compile(
+            optimizer=factory(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    # 3 steps per epoch, 2 epochs; each replica gets 8 of the 16 samples of a batch.
+    model.fit(x, y, sample_weight=weights, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+def _replicas_agree(optimizer) -> bool:
+    for variable in optimizer.variables:
+        inner = getattr(variable, "value", variable)
+        parts = [np.asarray(v) for v in getattr(inner, "values", (inner,))]
+        if any(not np.array_equal(parts[0], p) for p in parts[1:]):
+            return False
+    return True
+
+
+def main(names):
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    report = {}
+    for name in names:
+        single = _train(tf.distribute.get_strategy(), name)
+        double = _train(mirrored, name)
+        a = [np.asarray(w, np.float64) for w in single.get_weights()]
+        b = [np.asarray(w, np.float64) for w in double.get_weights()]
+        report[name] = {
+            "abs": max(float(np.max(np.abs(p - q))) for p, q in zip(a, b)),
+            "rel": max(float(np.max(np.abs(p - q) / (np.abs(p) + 1e-3))) for p, q in zip(a, b)),
+            "moved": max(float(np.max(np.abs(p - q))) for p, q in zip(a, _initial(name))),
+            "iterations": [int(np.asarray(m.optimizer.iterations.value)) for m in (single, double)],
+            "replicas_agree": _replicas_agree(double.optimizer),
+            "num_replicas": mirrored.num_replicas_in_sync,
+        }
+    print(json.dumps(report))
+
+
+def _initial(name):
+    return [np.asarray(w, np.float64) for w in _model(CASES[name][1]).get_weights()]
+
+
+def mixed_float16_error():
+    """The error a LossScaleOptimizer-wrapped curvature optimizer gives on 2 replicas."""
+    from keras_curv.optimizers import CurvatureContextError
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x, y, _ = _data(False)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        model = _model("mixed_float16")
+        model.compile(optimizer=AdaHessian(), loss="sparse_categorical_crossentropy")
+    try:
+        model.fit(x.astype("float32"), y, batch_size=16, epochs=1, verbose=0)
+    except CurvatureContextError as error:
+        print(json.dumps({"error": str(error)}))
+    else:
+        print(json.dumps({"error": None}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--mixed-float16-error"]:
+        mixed_float16_error()
+    else:
+        main(sys.argv[1:] or list(CASES))
