@@ -38,6 +38,7 @@ from keras_curv.callbacks._shared import (
 )
 from keras_curv.curvature._data import ProbeData, probe_data
 from keras_curv.curvature._model import stateless_outputs
+from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.operators import HessianOperator
 
 SUBDIR = "curvature"
@@ -297,6 +298,23 @@ def optimizer_summary(model: keras.Model) -> tuple[dict[str, float], dict[str, n
                 "scalars and vectors are supported."
             )
     return scalars, histograms
+
+
+def check_eigensolver_args(top_k: Any, method: Any, tol: Any) -> None:
+    """Validates the eigensolver arguments the diagnostic callbacks share.
+
+    Raises:
+        ValueError: ``top_k`` not a positive int (or None), an unknown ``method``, or a
+            ``tol`` that is not a positive number.
+    """
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+    ):
+        raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+        raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
 
 
 def _unpack_data(data: Any, owner: str) -> tuple[Any, Any, Any]:

@@ -11,11 +11,11 @@ import numpy as np
 
 from keras_curv.callbacks._base import (
     CurvatureCallback,
+    check_eigensolver_args,
     optimizer_summary,
     render_density,
     render_stem,
 )
-from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.estimators import hutchinson_trace
 from keras_curv.curvature.operators import HessianOperator
 from keras_curv.curvature.spectral_density import spectral_density
@@ -126,14 +126,7 @@ class HessianSpectrum(CurvatureCallback):
             max_overhead=max_overhead,
             clock=clock,
         )
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
-        ):
-            raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
-            raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
+        check_eigensolver_args(top_k, method, tol)
         for name, value, low in (
             ("trace_samples", trace_samples, 3),
             ("density_steps", density_steps, 1),

@@ -12,7 +12,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_curv.callbacks._base import CurvatureCallback, render_heatmap, unwrapped_optimizer
+from keras_curv.callbacks._base import (
+    CurvatureCallback,
+    check_eigensolver_args,
+    render_heatmap,
+    unwrapped_optimizer,
+)
 from keras_curv.curvature import _flat
 from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.alignment import (
@@ -25,7 +30,6 @@ from keras_curv.curvature.alignment import (
     subspace_overlap,
 )
 from keras_curv.curvature.class_gradients import class_gradients_for
-from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.operators import HessianOperator, resolve_loss
 
 
@@ -140,14 +144,7 @@ class SubspaceAlignment(CurvatureCallback):
             max_overhead=max_overhead,
             clock=clock,
         )
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
-        ):
-            raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
-            raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
+        check_eigensolver_args(top_k, method, tol)
         if not (isinstance(rank_rtol, (int, float)) and 0 < rank_rtol < 1):
             raise ValueError(f"`rank_rtol` must lie in (0, 1); got {rank_rtol!r}.")
         self.top_k = None if top_k is None else int(top_k)
