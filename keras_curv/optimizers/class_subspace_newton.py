@@ -456,11 +456,19 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         labels = tf.argmax(gate.enter(onehot), axis=-1, output_type=tf.int32)
         rows = []
         for k in range(self.num_classes):
-            members = tf.where(tf.equal(labels, k))[:, 0]
+            # Pad every sub-batch with sample 0 at weight 0: a class absent from the batch
+            # would otherwise give an empty forward pass, which some kernels reject
+            # (oneDNN convolutions). Samples do not interact here, so the pad adds exactly 0.
+            members = tf.concat(
+                [tf.where(tf.equal(labels, k))[:, 0], tf.zeros([1], tf.int64)], axis=0
+            )
+            member_weights = tf.concat(
+                [tf.gather(weights, members[:-1]), tf.zeros([1], weights.dtype)], axis=0
+            )
             inputs = tf.nest.map_structure(lambda t, m=members: tf.gather(t, m), batch.x)
             outputs = stateless_outputs(batch.model, handles, inputs, training=True)
             score = tf.cast(class_scores(batch.model, outputs), dtype)[:, k]
-            total = tf.reduce_sum(tf.gather(weights, members) * score) / safe_counts[k]
+            total = tf.reduce_sum(member_weights * score) / safe_counts[k]
             rows.append(_flat.zeros_for_none(tf.gradients(total, handles), handles))
         return [gate.exit(tf.stack(parts)) for parts in zip(*rows)]
 

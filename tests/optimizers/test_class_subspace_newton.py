@@ -711,3 +711,33 @@ def test_pseudo_inverse_never_fails_on_non_finite_or_asymmetric_input():
     np.testing.assert_allclose(result, result.T, atol=1e-15)
     broken = np.array([[np.nan, 1.0], [1.0, np.inf]])
     assert np.all(np.isfinite(_sym_pinv(tf.constant(broken)).numpy()))
+
+
+def test_sub_batches_with_absent_classes_on_a_cnn(monkeypatch):
+    """A class missing from a batch gave an empty sub-batch, which oneDNN convolutions reject."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(24, 6, 6, 1))
+    y = rng.integers(0, 2, 24)  # classes 2 and 3 of 4 never occur
+
+    def run(partition: bool):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((6, 6, 1), dtype="float64"),
+                keras.layers.Conv2D(3, 3, activation="tanh", dtype="float64"),
+                keras.layers.Flatten(dtype="float64"),
+                keras.layers.Dense(4, dtype="float64"),
+            ]
+        )
+        with monkeypatch.context() as patch:
+            if not partition:
+                patch.setattr(ClassSubspaceNewton, "_can_partition", staticmethod(lambda b: False))
+            model.compile(
+                optimizer=ClassSubspaceNewton(learning_rate=0.05, damping=1.0),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),
+            )
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    for fast, exact in zip(run(True), run(False)):
+        np.testing.assert_allclose(fast, exact, rtol=1e-9, atol=1e-12)
