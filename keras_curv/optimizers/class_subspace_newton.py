@@ -531,7 +531,11 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """``K = V^T G_B V`` (C x C) by a double VJP: ``J v = d/du <J^T u, v>``."""
         dtype = self._stat_dtype
         # J^T u is linear in u; its u-derivative contracted with v_k is J v_k.
-        transposed = tf.gradients(scores, handles, grad_ys=dummy)
+        # Dense: an Embedding table's J^T u is IndexedSlices, which tf.gradients cannot take.
+        transposed = [
+            None if t is None else tf.convert_to_tensor(t)
+            for t in tf.gradients(scores, handles, grad_ys=dummy)
+        ]
         pairs = [(t, d) for t, d in zip(transposed, directions) if t is not None]
         if not pairs:
             return tf.zeros((self.num_classes, self.num_classes), dtype)
