@@ -55,6 +55,5 @@ def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
     tensors (``tf.gradients`` of an ``IndexedSlices`` recurses without end).
     """
     return [
-        tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-        for g, v in zip(grads, variables)
+        tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)
     ]
