@@ -107,6 +107,7 @@ def _assert_finite(model):
         assert np.all(np.isfinite(np.asarray(v, np.float64))), v.path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", list(_OPTIMIZERS))
 @settings(max_examples=1, **_SETTINGS)
