@@ -39,7 +39,7 @@ from keras_curv.callbacks._shared import (
 from keras_curv.curvature._data import ProbeData, probe_data
 from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.eigensolvers import METHODS
-from keras_curv.curvature.operators import HessianOperator
+from keras_curv.curvature.operators import HessianOperator, resolve_loss
 
 SUBDIR = "curvature"
 
@@ -462,11 +462,51 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     # Helpers -----------------------------------------------------------------------------
 
-    def _num_outputs(self) -> int:
-        """Size of the model's last output axis (the number of classes of a classifier)."""
+    def _probe_outputs(self) -> Any:
+        """The model's outputs on the first probe batch.
+
+        Raises:
+            ValueError: the probe inputs do not fit the model (named as such, rather
+                than as a layer's shape error in the middle of training).
+        """
         first = self.probe.batches[0]
         values = [v.value for v in self.model.trainable_variables]
-        outputs = stateless_outputs(self.model, values, first.x, False)
+        try:
+            return stateless_outputs(self.model, values, first.x, False)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(
+                f"{type(self).__name__}: the probe inputs do not fit the model ({error}). "
+                "Pass probe inputs shaped like the model's training inputs."
+            ) from error
+
+    def _check_probe(self, outputs: Any) -> None:
+        """Evaluates the loss on the first probe batch, so bad targets fail before training.
+
+        Raises:
+            ValueError: no usable loss, or targets the loss cannot take (wrong shape,
+                sparse labels outside ``[0, C)``).
+        """
+        loss = self._resolved_loss()
+        if isinstance(outputs, (list, tuple, dict)):
+            return  # the subclass names the multi-output problem
+        first = self.probe.batches[0]
+        dtype = outputs.dtype
+        try:
+            value = resolve_loss(loss, dtype)(
+                first.y, outputs, first.sample_weight, tf.constant(first.size, dtype)
+            )
+            tf.convert_to_tensor(value).numpy()
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(
+                f"{type(self).__name__}: the probe targets do not fit the loss ({error}). "
+                "Pass targets of the form the training loss takes, e.g. integer labels in "
+                "[0, C) of shape (n,) for sparse_categorical_crossentropy, one-hot (n, C) "
+                "for categorical_crossentropy."
+            ) from error
+
+    def _num_outputs(self) -> int:
+        """Size of the model's last output axis (the number of classes of a classifier)."""
+        outputs = self._probe_outputs()
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(
                 f"{type(self).__name__} needs a single-output model; this one has several."
@@ -581,6 +621,9 @@ class CurvatureCallback(keras.callbacks.Callback):
         # Rebuild only when the model or its set of trainable variables changed.
         key = (id(self.model), tuple(id(v) for v in self.model.trainable_variables))
         if key != self._prepared_for:
+            # Probe data that does not fit the model or the loss fails here, before the
+            # first epoch, not at the first (possibly much later) measurement.
+            self._check_probe(self._probe_outputs())
             self._prepare()
             self._prepared_for = key
             self._calibrated = False

@@ -19,6 +19,7 @@ from keras_curv.callbacks._base import (
     unwrapped_optimizer,
 )
 from keras_curv.curvature import _flat
+from keras_curv.curvature._data import class_targets
 from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.alignment import (
     DEFAULT_RANK_RTOL,
@@ -154,6 +155,19 @@ class SubspaceAlignment(CurvatureCallback):
         self.operator: HessianOperator | None = None
         self.eigenvectors: np.ndarray | None = None
         self.last: dict[str, dict[str, Any]] = {}
+
+    def _check_probe(self, outputs: Any) -> None:
+        """Probe targets must be class labels of the model's C classes (sparse or one-hot)."""
+        shape = getattr(outputs, "shape", None)
+        if shape is not None and shape.rank == 2 and (shape[-1] or 0) >= 2:
+            for batch in self.probe.batches:
+                try:
+                    class_targets(batch.y, int(shape[-1]), tf.float32)
+                except ValueError as error:
+                    raise ValueError(
+                        f"SubspaceAlignment needs class labels as probe targets: {error}"
+                    ) from error
+        super()._check_probe(outputs)
 
     def _prepare(self) -> None:
         num_classes = self._num_outputs()

@@ -48,5 +48,12 @@ def unflatten(vector: tf.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[tf.T
 
 
 def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
-    """Replaces ``None`` gradients by zeros of the matching variable."""
-    return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+    """Replaces ``None`` gradients by zeros of the matching variable, and densifies.
+
+    An ``Embedding`` table's gradient is a ``tf.IndexedSlices``; curvature code
+    differentiates gradients again, stacks and flattens them, which needs dense
+    tensors (``tf.gradients`` of an ``IndexedSlices`` recurses without end).
+    """
+    return [
+        tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)
+    ]

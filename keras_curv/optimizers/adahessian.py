@@ -264,8 +264,9 @@ class AdaHessian(keras.optimizers.Optimizer):
         ``batch.hessian_vector_product``, which re-enters the step graph) so that they
         also work inside ``tf.vectorized_map``'s function for ``n_samples > 1``.
         """
-        grads = batch.scaled_gradients()
         handles = [getattr(v, "value", v) for v in batch.variables]
+        # Dense: Keras hands an Embedding's gradient over as IndexedSlices.
+        grads = _flat.zeros_for_none(batch.scaled_gradients(), handles)
         shapes = _flat.variable_shapes(batch.variables)
 
         def estimate(flat_signs):

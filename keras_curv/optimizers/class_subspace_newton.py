@@ -48,6 +48,46 @@ _CURVATURES = ("paper", "gauss_newton", "projected_newton")
 _INVERSES = ("diagonal", "exact")
 # Relative eigenvalue cut-off of the C x C pseudo-inverses (Gram and curvature matrices).
 _PINV_RTOL = 1e-10
+# Keras losses that are not a softmax cross-entropy over C classes: the curvature
+# model of eq. 17 (p_k(1 - p_k)) does not describe them. Custom losses are trusted.
+_NON_CLASSIFICATION_LOSSES = {
+    getattr(keras.losses, name)
+    for name in (
+        "mean_squared_error",
+        "mean_absolute_error",
+        "mean_absolute_percentage_error",
+        "mean_squared_logarithmic_error",
+        "huber",
+        "log_cosh",
+        "binary_crossentropy",
+        "binary_focal_crossentropy",
+        "hinge",
+        "squared_hinge",
+        "categorical_hinge",
+        "poisson",
+        "cosine_similarity",
+    )
+}
+
+
+def _check_classification_loss(model: keras.Model, owner: str) -> None:
+    """Raises ``ValueError`` when ``model`` is compiled with a known non-classification loss."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return
+    function = getattr(loss, "fn", loss)
+    if function in _NON_CLASSIFICATION_LOSSES:
+        name = getattr(function, "__name__", repr(function))
+        raise ValueError(
+            f"{owner} is a Newton method for softmax cross-entropy over C classes, but the "
+            f"model is compiled with loss {name!r}. Compile with "
+            "'sparse_categorical_crossentropy' (integer labels) or 'categorical_crossentropy' "
+            "(one-hot labels), with from_logits=True for a logits output; for other losses "
+            "use keras_curv.optimizers.AdaHessian."
+        )
 
 
 def _sym_pinv(matrix: tf.Tensor) -> tf.Tensor:
@@ -181,7 +221,10 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
 
     Raises:
         ValueError: invalid arguments; or, when the step is traced, a model whose
-            output is not a single ``(batch, C)`` classifier output with ``C >= 2``.
+            output is not a single ``(batch, C)`` classifier output with ``C >= 2``
+            (regression, multi-output, single-sigmoid), or one compiled with a Keras loss
+            that is not a cross-entropy over C classes (``"mse"``,
+            ``"binary_crossentropy"``, ...).
 
     Example:
         >>> model.compile(optimizer=keras_curv.optimizers.ClassSubspaceNewton(0.05),
@@ -303,6 +346,26 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
                 (num, num), dtype=self._stat_dtype, name="subspace_curvature", **shared
             )
         self._class_state_built = True
+
+    def load_own_variables(self, store):
+        """Restores the state, creating the class statistics first if the store has them.
+
+        The class statistics exist only once C is known (first traced step, or
+        ``num_classes``). A fresh optimizer that restores a checkpoint of a trained one
+        (``keras.callbacks.BackupAndRestore``, ``model.load_weights``) is built without
+        them, so C is read from the stored ``(C, *shape)`` class-gradient sums instead of
+        letting Keras skip the whole state with a warning.
+        """
+        if self.built and not self._class_state_built:
+            base = len(self.variables)
+            extra = len(self._trainable_variables) + 2
+            extra += 1 if self.curvature_mode == "projected_newton" else 0
+            if len(store.keys()) == base + extra:
+                first = store[str(base)]
+                variable = self._trainable_variables[0]
+                if tuple(first.shape[1:]) == tuple(variable.shape) and first.shape[0] >= 2:
+                    self._ensure_class_state(int(first.shape[0]))
+        super().load_own_variables(store)
 
     def _ensure_class_state(self, num_classes: int):
         if self.num_classes is not None and self.num_classes != num_classes:
@@ -476,7 +539,11 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """``K = V^T G_B V`` (C x C) by a double VJP: ``J v = d/du <J^T u, v>``."""
         dtype = self._stat_dtype
         # J^T u is linear in u; its u-derivative contracted with v_k is J v_k.
-        transposed = tf.gradients(scores, handles, grad_ys=dummy)
+        # Dense: an Embedding table's J^T u is IndexedSlices, which tf.gradients cannot take.
+        transposed = [
+            None if t is None else tf.convert_to_tensor(t)
+            for t in tf.gradients(scores, handles, grad_ys=dummy)
+        ]
         pairs = [(t, d) for t, d in zip(transposed, directions) if t is not None]
         if not pairs:
             return tf.zeros((self.num_classes, self.num_classes), dtype)
@@ -525,6 +592,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
                 "Multi-output models have no single class subspace."
             )
         num_classes = num_classes_of(batch.model, batch.y_pred)
+        _check_classification_loss(batch.model, type(self).__name__)
         self._ensure_class_state(num_classes)
         with batch.step_graph():
             stats = self._batch_statistics(batch, num_classes)

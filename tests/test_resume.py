@@ -1,0 +1,85 @@
+"""``keras.callbacks.BackupAndRestore``: an interrupted, resumed fit ends where an
+uninterrupted one does, for both optimizers (AdaHessian's probe stream included)."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+
+_OPTIMIZERS = {
+    # A fixed seed: a probe generator that was not restored would restart its stream.
+    "adahessian": lambda: AdaHessian(0.05, seed=1, weight_decay=0.01),
+    "csn_paper_momentum": lambda: ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1),
+    "csn_projected_update_each": lambda: ClassSubspaceNewton(
+        0.05, curvature="projected_newton", damping=0.1, update_each=3
+    ),
+}
+_EPOCHS, _INTERRUPT_AT = 4, 2
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == _INTERRUPT_AT:
+            raise RuntimeError("simulated preemption")
+
+
+def _run(name, callbacks):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3))
+    y = rng.integers(0, 3, 16)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(4, activation="tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    model.compile(
+        optimizer=_OPTIMIZERS[name](),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=4, epochs=_EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
+    return model
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+def test_backup_and_restore_resumes_to_the_uninterrupted_weights(name, tmp_path):
+    reference = _run(name, [])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        _run(name, [keras.callbacks.BackupAndRestore(backup), _Interrupt()])
+    with warnings.catch_warnings():
+        # Keras warns (and skips the whole optimizer state) when it cannot restore it.
+        warnings.simplefilter("error", UserWarning)
+        resumed = _run(name, [keras.callbacks.BackupAndRestore(backup)])
+    # A fresh model and optimizer, resumed at epoch 2: only 2 epochs were trained here.
+    assert int(resumed.optimizer.iterations) == int(reference.optimizer.iterations) == 16
+    moved = max(
+        float(np.max(np.abs(w.numpy() - w0))) for w, w0 in zip(resumed.weights, _initial(name))
+    )
+    assert moved > 0.05
+    for a, b in zip(reference.weights, resumed.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-10)
+    assert len(reference.optimizer.variables) == len(resumed.optimizer.variables)
+    for a, b in zip(reference.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(
+            np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=0, atol=1e-10
+        )
+
+
+def _initial(name):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(4, activation="tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    return [w.numpy() for w in model.weights]
