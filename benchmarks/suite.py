@@ -371,7 +371,7 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
     if "calibration" in result:
         cal = result["calibration"]
         lines += [
-            "### Why the paper's curvature overshoots: λ calibration and alignment",
+            "### λ calibration and alignment during CSN training",
             "",
             f"Digits, `small_cnn`, every {cal['every']} steps: the optimizer's λ_k against the "
             f"Gauss–Newton Rayleigh quotient v_kᵀGv_k on {cal['probe']} probe samples "
