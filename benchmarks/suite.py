@@ -117,7 +117,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     def save(fig, name):
         path = out / name
         fig.tight_layout()
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=100)  # docs require images >= 600 px wide
         plt.close(fig)
         files.append(path)
 
