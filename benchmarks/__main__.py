@@ -1,8 +1,6 @@
-"""``python -m benchmarks`` (``make bench``): runs every benchmark with its defaults."""
+"""``python -m benchmarks`` (``make bench``): the whole suite; see :mod:`benchmarks.suite`."""
 
-from benchmarks import callback_overhead, eigensolvers, hvp_cost
+from benchmarks import suite  # first: it sets TensorFlow's environment before TF loads
 
 if __name__ == "__main__":
-    hvp_cost.main([])
-    eigensolvers.main()
-    callback_overhead.main([])
+    suite.main()

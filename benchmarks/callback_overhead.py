@@ -41,8 +41,7 @@ class Timed:
     """Wraps a callback's ``_measure`` to accumulate the seconds spent in it."""
 
     def __init__(self, callback):
-        self.seconds = 0.0
-        self.count = 0
+        self.durations: list[float] = []
         inner = callback._measure
 
         def measure(step):
@@ -50,15 +49,52 @@ class Timed:
             try:
                 return inner(step)
             finally:
-                self.seconds += time.perf_counter() - start
-                self.count += 1
+                self.durations.append(time.perf_counter() - start)
 
         callback._measure = measure
 
+    @property
+    def seconds(self) -> float:
+        return sum(self.durations)
 
-def run(data, epochs: int, probe: int, with_callbacks: bool, seed: int, schedule: str) -> dict:
+    @property
+    def count(self) -> int:
+        return len(self.durations)
+
+
+def run(
+    data,
+    epochs: int,
+    probe: int,
+    with_callbacks: bool,
+    seed: int,
+    schedule: str,
+    *,
+    make_model=None,
+    batch_size: int = 32,
+) -> dict:
+    """One ``fit`` of ``epochs`` epochs, with or without both diagnostic callbacks.
+
+    Args:
+        data: Anything with ``x_train``, ``y_train``, ``x_test``, ``y_test``,
+            ``input_shape`` and ``num_classes`` (a ``DatasetSplits``).
+        epochs: Training epochs.
+        probe: Held-out samples the callbacks measure on.
+        with_callbacks: Attach ``HessianSpectrum`` and ``SubspaceAlignment``.
+        seed: Weight initialisation seed.
+        schedule: ``"budget"`` (their default) or ``"every-epoch"``.
+        make_model: ``make_model()`` builds the model; default ``small_cnn``.
+        batch_size: Training batch size.
+
+    Returns:
+        ``seconds`` of the fit, ``final_loss``, and with callbacks the seconds, counts and
+        per-call ``durations`` of each callback's measurements, and the products spent.
+    """
     keras.utils.set_random_seed(seed)
-    model = small_cnn(data.input_shape, data.num_classes)
+    if make_model is None:
+        model = small_cnn(data.input_shape, data.num_classes)
+    else:
+        model = make_model()
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -71,12 +107,18 @@ def run(data, epochs: int, probe: int, with_callbacks: bool, seed: int, schedule
         timers = {type(cb).__name__: Timed(cb) for cb in callbacks}
     start = time.perf_counter()
     history = model.fit(
-        data.x_train, data.y_train, epochs=epochs, batch_size=32, verbose=0, callbacks=callbacks
+        data.x_train,
+        data.y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=0,
+        callbacks=callbacks,
     )
     total = time.perf_counter() - start
     out = {"seconds": total, "final_loss": float(history.history["loss"][-1])}
     out.update({f"{name}_seconds": t.seconds for name, t in timers.items()})
     out.update({f"{name}_measurements": t.count for name, t in timers.items()})
+    out.update({f"{name}_durations": t.durations for name, t in timers.items()})
     if callbacks:
         out["hessian_vector_products"] = callbacks[0].operator.num_matvecs
         out["shared_operator"] = callbacks[0].operator is callbacks[1].operator

@@ -6,7 +6,7 @@ after a warm-up epoch that includes tracing. Writes ``benchmarks/results/csn_cos
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/csn_cost.py [--steps 20] [--repeats 3]
+    PYTHONPATH=. python -m benchmarks.csn_cost [--steps 20] [--repeats 3]
 
 Ratios are reported for plain graph execution and for XLA. On a shared 2-core CPU
 (TF 2.21), with class gradients from per-class sub-batches (graph mode, models without
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -29,6 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.optimizer_cost import compiled, step_times  # noqa: E402
 from keras_curv.optimizers import ClassSubspaceNewton  # noqa: E402
 
 BATCH = 128
@@ -49,29 +49,6 @@ def small_cnn() -> keras.Model:
             keras.layers.Dense(CLASSES),
         ]
     )
-
-
-def compiled(make_optimizer, x, y, jit: bool) -> keras.Model:
-    model = small_cnn()
-    model.compile(
-        optimizer=make_optimizer(),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit,
-    )
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)  # trace + warm up
-    return model
-
-
-def step_times(models: dict, x, y, steps: int, repeats: int) -> dict:
-    """Fastest epoch per model, in seconds per step; variants interleaved in every repeat so
-    that load from other processes on the machine hits them alike."""
-    best = {name: float("inf") for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-            best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return best
 
 
 def main() -> None:
@@ -96,8 +73,11 @@ def main() -> None:
     # the vectorised Jacobian well but computes it every step.
     seconds = {}
     for mode, jit in (("graph", False), ("xla", True)):
-        models = {name: compiled(make, x, y, jit) for name, make in variants.items()}
-        seconds[mode] = step_times(models, x, y, args.steps, args.repeats)
+        models = {
+            name: compiled(small_cnn, make, x, y, batch_size=BATCH, jit_compile=jit)
+            for name, make in variants.items()
+        }
+        seconds[mode] = step_times(models, x, y, batch_size=BATCH, repeats=args.repeats)
     result = {
         "benchmark": "ClassSubspaceNewton step time / SGD step time",
         "model": "small CNN (conv16-pool-conv32-pool-dense64-dense10), 28x28x1 inputs",

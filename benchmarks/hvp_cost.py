@@ -89,12 +89,27 @@ def interleaved_timings(cases: dict, repeats: int, warmup: int, seed: int) -> di
     return samples
 
 
-def run(inputs: str, batch: int, repeats: int, warmup: int, seed: int) -> dict:
-    num_classes = 10
-    x_np, y_np = make_batch(inputs, batch, num_classes, seed)
-    model = build_cnn(x_np.shape[1:], num_classes, seed)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+def measure(model, loss, x_np, y_np, *, repeats: int, warmup: int, seed: int) -> dict:
+    """Times a gradient and three Hessian-vector products of ``loss`` on one batch.
+
+    Args:
+        model: A built or buildable Keras model (its weights are not changed).
+        loss: A Keras loss object.
+        x_np: The batch inputs (NumPy).
+        y_np: The batch labels (NumPy).
+        repeats: Timed calls per case (interleaved, see :func:`interleaved_timings`).
+        warmup: Untimed calls per case first (tracing).
+        seed: Seed of the product's vector and of the interleaving order.
+
+    Returns:
+        ``{"num_params", "timings"}``; ``timings[case]`` has ``median_s``, ``min_s``,
+        ``max_s``, ``ratio_to_grad`` (of medians) and ``min_ratio_to_grad``.
+
+    Raises:
+        RuntimeError: the three products disagree (the timings would be meaningless).
+    """
     x, y = tf.constant(x_np), tf.constant(y_np)
+    op = HessianOperator(model, loss, x_np, y_np, batch_size=len(x_np))
     params = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 
@@ -128,7 +143,6 @@ def run(inputs: str, batch: int, repeats: int, warmup: int, seed: int) -> dict:
             grads = inner.gradient(value, params)
         return outer.gradient(grads, params, output_gradients=tangents)
 
-    op = HessianOperator(model, loss, x_np, y_np, batch_size=batch)
     v = tf.constant(np.random.default_rng(seed + 1).standard_normal(op.dim), op.dtype)
     tangents = _flat.unflatten(v, op.shapes)
 
@@ -153,12 +167,22 @@ def run(inputs: str, batch: int, repeats: int, warmup: int, seed: int) -> dict:
     for entry in timings.values():
         entry["ratio_to_grad"] = entry["median_s"] / timings["grad"]["median_s"]
         entry["min_ratio_to_grad"] = entry["min_s"] / timings["grad"]["min_s"]
+    return {"num_params": op.dim, "timings": timings}
+
+
+def run(inputs: str, batch: int, repeats: int, warmup: int, seed: int) -> dict:
+    num_classes = 10
+    x_np, y_np = make_batch(inputs, batch, num_classes, seed)
+    model = build_cnn(x_np.shape[1:], num_classes, seed)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    measured = measure(model, loss, x_np, y_np, repeats=repeats, warmup=warmup, seed=seed)
+    timings = measured["timings"]
     return {
         "inputs": inputs,
         "input_shape": list(x_np.shape[1:]),
         "batch": batch,
         "num_classes": num_classes,
-        "num_params": op.dim,
+        "num_params": measured["num_params"],
         "repeats": repeats,
         "warmup": warmup,
         "timings": timings,
