@@ -25,10 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# oneDNN's fused Conv+ReLU fails on an empty batch ("input depth must be evenly divisible
-# by filter depth"), which ClassSubspaceNewton's per-class sub-batches produce whenever a
-# class is missing from a batch. Every measurement of the suite runs without oneDNN.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -230,8 +226,9 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
         + "`; do not edit by hand between the suite markers._",
         "",
         f"**Machine:** {device} ({m['processor']}), TensorFlow {m['tensorflow']}, "
-        f"Keras {m['keras']}, Python {m['python']}, oneDNN off "
-        "(`TF_ENABLE_ONEDNN_OPTS=0`, see the known issue below); shared with other jobs "
+        f"Keras {m['keras']}, Python {m['python']}, "
+        + ("oneDNN off (`TF_ENABLE_ONEDNN_OPTS=0`)" if result.get("onednn") == "0" else "oneDNN on")
+        + "; shared with other jobs "
         f"(load average at the end {_fmt((result.get('load_average') or [None])[0], '.1f')}). "
         f"Mode `{result['mode']}`; sections took "
         + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())

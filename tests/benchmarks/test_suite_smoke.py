@@ -2,11 +2,8 @@
 
 import json
 import math
-import os
 
 import pytest
-
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def _numbers(tree):
