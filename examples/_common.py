@@ -79,6 +79,16 @@ def parser(description: str, *, epochs: int, smoke_epochs: int) -> argparse.Argu
     return p
 
 
+def add_curvature_option(p: argparse.ArgumentParser) -> None:
+    """``--curvature`` for the scripts that train ClassSubspaceNewton."""
+    p.add_argument(
+        "--curvature",
+        default="paper",
+        choices=["paper", "gauss_newton", "projected_newton"],
+        help="ClassSubspaceNewton curvature (paper = eq. 17, as published)",
+    )
+
+
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parses ``argv``, fills the mode-dependent defaults and creates the output folder."""
     args = p.parse_args(argv)

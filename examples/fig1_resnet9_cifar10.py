@@ -34,12 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="ETA",
         help="default 0.1 0.05 0.01 (0.05 only with --smoke: each run traces a new step)",
     )
-    p.add_argument(
-        "--curvature",
-        default="paper",
-        choices=["paper", "gauss_newton", "projected_newton"],
-        help="ClassSubspaceNewton curvature (paper = eq. 17, as published)",
-    )
+    _common.add_curvature_option(p)
     args = _common.parse(p, argv)
     batch_size = args.batch_size or (64 if args.smoke else 128)
     width = args.width or (4 if args.smoke else 64)

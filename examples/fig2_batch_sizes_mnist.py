@@ -47,12 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="training samples kept (default all 60,000; full batch holds them all at once)",
     )
-    p.add_argument(
-        "--curvature",
-        default="paper",
-        choices=["paper", "gauss_newton", "projected_newton"],
-        help="ClassSubspaceNewton curvature (paper = eq. 17, as published)",
-    )
+    _common.add_curvature_option(p)
     args = _common.parse(p, argv)
     if args.batch_sizes is None:
         args.batch_sizes = [64, "full"] if args.smoke else [64, 512, 4096, "full"]
