@@ -18,9 +18,7 @@ from keras_curv.callbacks._base import (
     render_heatmap,
     unwrapped_optimizer,
 )
-from keras_curv.curvature import _flat
 from keras_curv.curvature._data import class_targets
-from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.alignment import (
     DEFAULT_RANK_RTOL,
     best_assignment,
@@ -31,7 +29,7 @@ from keras_curv.curvature.alignment import (
     subspace_overlap,
 )
 from keras_curv.curvature.class_gradients import class_gradients_for
-from keras_curv.curvature.operators import HessianOperator, resolve_loss
+from keras_curv.curvature.operators import HessianOperator
 
 
 def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, rtol: float) -> dict:
@@ -188,9 +186,6 @@ class SubspaceAlignment(CurvatureCallback):
         self.eigenvectors = None
         self._warned_degenerate: set[str] = set()
         self.num_classes = num_classes
-        self._gradient = _probe_gradient_fn(
-            self.model, resolve_loss(loss, self.operator.dtype), self.training
-        )
         self._class_gradients = class_gradients_for(self.model, self.training)
 
     def _expected_products(self) -> tuple[int, int]:
@@ -201,17 +196,7 @@ class SubspaceAlignment(CurvatureCallback):
     def _calibrate(self) -> None:
         super()._calibrate()
         self._class_gradients(None, data=self.probe)
-        self._probe_gradient()
-
-    def _probe_gradient(self) -> np.ndarray:
-        dtype = self.operator.dtype
-        total = None
-        for batch in self.probe.batches:
-            part = self._gradient(
-                batch.x, batch.y, batch.sample_weight, tf.constant(batch.size, dtype)
-            )
-            total = part if total is None else total + part
-        return total.numpy().astype(np.float64) / self.probe.num_samples
+        self.operator.gradient()
 
     def _warn_degenerate(self, prefix: str) -> None:
         if prefix in self._warned_degenerate:
@@ -248,7 +233,7 @@ class SubspaceAlignment(CurvatureCallback):
         )
         self.eigenvectors = result.eigenvectors
         eig_rows = result.eigenvectors.T
-        gradient = self._probe_gradient()
+        gradient = self.operator.gradient().numpy().astype(np.float64)
         directions = self._class_gradients(None, data=self.probe).numpy()
         groups = {"": directions}
         optimizer_directions = self._optimizer_directions()
@@ -285,18 +270,3 @@ class SubspaceAlignment(CurvatureCallback):
         if self.writer is not None:
             self.writer.write(step, scalars=scalars, histograms=histograms, images=images)
         return values
-
-
-def _probe_gradient_fn(model: keras.Model, loss_sum, training: bool):
-    """A traced ``(x, y, w, n) -> flat gradient of the summed batch loss``."""
-    variables = list(model.trainable_variables)
-
-    @tf.function(reduce_retracing=True)
-    def batch_gradient(x, y, w, n):
-        params = [v.value for v in variables]
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            loss = loss_sum(y, stateless_outputs(model, params, x, training), w, n)
-        return _flat.flatten(_flat.zeros_for_none(tape.gradient(loss, params), params))
-
-    return batch_gradient

@@ -203,6 +203,7 @@ class _ModelOperator(LinearOperator):
         _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, size))
         self._batch_sizes = [tf.constant(b.size, self.dtype) for b in self.data.batches]
         self._batch_fn = tf.function(self._flat_batch_product, reduce_retracing=True)
+        self._gradient_fn = tf.function(self._flat_batch_gradient, reduce_retracing=True)
 
     def _values(self) -> list[tf.Tensor]:
         return [v.value for v in self.variables]
@@ -214,6 +215,13 @@ class _ModelOperator(LinearOperator):
     def _batch_loss(self, trainable_values, batch: ProbeBatch, outputs):
         return self._loss_sum(batch.y, outputs, batch.sample_weight, batch.size)
 
+    def _batch_gradient(self, params, batch: ProbeBatch) -> list[tf.Tensor]:
+        """Gradient of the summed batch loss, dense (Embedding gradients are IndexedSlices)."""
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = self._batch_loss(params, batch, self._forward(params, batch))
+        return _flat.zeros_for_none(tape.gradient(loss, params), params)
+
     def _batch_product(self, tangents, x, y, w, n):
         raise NotImplementedError
 
@@ -221,12 +229,27 @@ class _ModelOperator(LinearOperator):
         # Layout changes live inside the traced function: no eager work per product.
         return _flat.flatten(self._batch_product(_flat.unflatten(v, self.shapes), x, y, w, n))
 
-    def _matvec(self, v):
+    def _flat_batch_gradient(self, x, y, w, n):
+        return _flat.flatten(self._batch_gradient(self._values(), ProbeBatch(x, y, w, n)))
+
+    def _mean_over_batches(self, batch_fn, *leading) -> tf.Tensor:
+        """``(1/N) sum_b batch_fn(*leading, x_b, y_b, w_b, n_b)``: exact over the probe set."""
         total = None
         for batch, size in zip(self.data.batches, self._batch_sizes):
-            part = self._batch_fn(v, batch.x, batch.y, batch.sample_weight, size)
+            part = batch_fn(*leading, batch.x, batch.y, batch.sample_weight, size)
             total = part if total is None else total + part
         return total * tf.constant(1.0 / self._num_samples, self.dtype)
+
+    def gradient(self) -> tf.Tensor:
+        """The flat gradient of the mean probe loss, at the current weights.
+
+        Uses the same loss, probe batches and stateless forward pass as the products,
+        traced once.
+        """
+        return self._mean_over_batches(self._gradient_fn)
+
+    def _matvec(self, v):
+        return self._mean_over_batches(self._batch_fn, v)
 
     @property
     def tracing_count(self) -> int:
@@ -265,10 +288,7 @@ class HessianOperator(_ModelOperator):
         params = self._values()
         with tf.GradientTape() as outer:
             outer.watch(params)
-            with tf.GradientTape() as inner:
-                inner.watch(params)
-                loss = self._batch_loss(params, batch, self._forward(params, batch))
-            grads = _flat.zeros_for_none(inner.gradient(loss, params), params)
+            grads = self._batch_gradient(params, batch)
         products = outer.gradient(grads, params, output_gradients=list(tangents))
         return _flat.zeros_for_none(products, params)
 

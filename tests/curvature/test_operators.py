@@ -186,3 +186,17 @@ def test_bad_vectors_and_data():
     empty = tf.data.Dataset.from_tensor_slices((np.zeros((0, 4)), np.zeros(0))).batch(2)
     with pytest.raises(ValueError, match="empty"):
         HessianOperator(mlp(), "mse", empty)
+
+
+def test_gradient_of_the_mean_probe_loss_matches_one_tape(data):
+    x, y, w = data
+    model = mlp()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    op = HessianOperator(model, loss, x, y, sample_weight=w, batch_size=10)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True) * w
+        ) / len(y)
+    grads = tape.gradient(value, model.trainable_variables)
+    expected = np.concatenate([g.numpy().ravel() for g in grads])
+    np.testing.assert_allclose(op.gradient().numpy(), expected, rtol=1e-12, atol=1e-15)
