@@ -260,28 +260,15 @@ class AdaHessian(keras.optimizers.Optimizer):
 
         ``H`` is the Hessian of this replica's loss (Keras divides it by the number of
         replicas), so the sum of the estimates over replicas is that of the global
-        batch. The Hessian-vector products are built here (not through
-        ``batch.hessian_vector_product``, which re-enters the step graph) so that they
-        also work inside ``tf.vectorized_map``'s function for ``n_samples > 1``.
+        batch.
         """
-        handles = [getattr(v, "value", v) for v in batch.variables]
-        # Dense: Keras hands an Embedding's gradient over as IndexedSlices.
-        grads = _flat.zeros_for_none(batch.scaled_gradients(), handles)
+        batch.scaled_gradients()  # once, outside the vectorised function below
         shapes = _flat.variable_shapes(batch.variables)
 
         def estimate(flat_signs):
-            probes = [
-                tf.cast(p, g.dtype) for p, g in zip(_flat.unflatten(flat_signs, shapes), grads)
-            ]
-            products = _flat.zeros_for_none(tf.gradients(grads, handles, grad_ys=probes), handles)
-            scale = tf.cast(tf.convert_to_tensor(batch.loss_scale), grads[0].dtype)
-            # Curvature statistics are kept in float32 at least (float16 under
-            # mixed precision would overflow in the square of the EMA).
-            dtype = tf.float64 if grads[0].dtype == tf.float64 else tf.float32
-            return [
-                tf.cast(z, dtype) * (tf.cast(hz, dtype) / tf.cast(scale, dtype))
-                for z, hz in zip(probes, products)
-            ]
+            probes = _flat.unflatten(flat_signs, shapes)
+            products = batch.hessian_vector_product(probes)
+            return [tf.cast(z, hz.dtype) * hz for z, hz in zip(probes, products)]
 
         if self.n_samples == 1:
             return estimate(signs[0])

@@ -169,11 +169,15 @@ class TrainBatch:
         return [getattr(v, "value", v) for v in self.variables]
 
     def scaled_gradients(self) -> list[tf.Tensor]:
-        """The step's gradients (times ``loss_scale``), recomputed only if not kept."""
+        """The step's gradients (times ``loss_scale``), dense, recomputed only if not kept.
+
+        Dense because curvature code differentiates them again, and Keras hands an
+        ``Embedding``'s gradient over as ``tf.IndexedSlices``.
+        """
         if self.gradients is None:
             with self.graph.as_default():
-                grads = tf.gradients(self.loss, self._handles())
-                self.gradients = _flat.zeros_for_none(grads, self._handles())
+                self.gradients = tf.gradients(self.loss, self._handles())
+        self.gradients = _flat.zeros_for_none(self.gradients, self._handles())
         return list(self.gradients)
 
     def vjp(self, ys: Any, cotangents: Any) -> list[tf.Tensor]:
@@ -199,13 +203,20 @@ class TrainBatch:
             return stacked_map(one_row, tf.eye(num, dtype=ys.dtype))
 
     def hessian_vector_product(self, tangents: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """``H v`` of the *unscaled* training loss, by reverse-over-reverse on the step's graph."""
-        with self.graph.as_default():
-            grads = self.scaled_gradients()
-            tangents = [tf.cast(t, g.dtype) for t, g in zip(tangents, grads)]
-            products = self.vjp(grads, tangents)
-            scale = tf.cast(tf.convert_to_tensor(self.loss_scale), products[0].dtype)
-            return [p / scale for p in products]
+        """``H v`` of the *unscaled* training loss, by reverse-over-reverse.
+
+        Call it under :meth:`step_graph`, or inside a function built there (such as
+        :func:`stacked_map`'s): it builds its ops where it is called, so that it can be
+        vectorised over several tangents. The products are returned in float32 at least,
+        so that float16 models keep their curvature statistics finite.
+        """
+        grads = self.scaled_gradients()
+        handles = self._handles()
+        tangents = [tf.cast(t, g.dtype) for t, g in zip(tangents, grads)]
+        products = _flat.zeros_for_none(tf.gradients(grads, handles, grad_ys=tangents), handles)
+        dtype = tf.float64 if grads[0].dtype == tf.float64 else tf.float32
+        scale = tf.cast(tf.convert_to_tensor(self.loss_scale), dtype)
+        return [tf.cast(p, dtype) / scale for p in products]
 
 
 def _owns(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> bool:
