@@ -39,35 +39,45 @@ MODES = {
         "cost": dict(models=("mlp",), classes=(10,), batch=16, steps=2, repeats=1,
                      callback_epochs=2, budget_epochs=1),
         "accuracy": dict(hidden=4, seeds=1, budgets=(3, 6)),
+        "reference_check": dict(problems=("mnist1d_logreg",), steps=80),
         "time_to_target": dict(problems=("digits_cnn",), names=("sgd_momentum", "csn_gn"),
                                seeds=1, epochs=1, cnn_epochs=1, cnn_optimizers=()),
         "batch_size_study": dict(batch_sizes=(4000,), epochs=2),
-        "calibration": dict(variants=("csn_gn",), epochs=1, every=40, probe=64),
+        "calibration": dict(variants=("csn_gn",), epochs=1, every=40, dense=2, probe=64),
     },
     "quick": {
         "cost": dict(models=("mlp", "small_cnn"), classes=(10, 100), batch=32, steps=4,
                      repeats=2, callback_epochs=2, callback_max_classes=10,
                  budget_epochs=5),
         "accuracy": dict(hidden=16, seeds=3),
+        "reference_check": dict(steps=1200),
         "time_to_target": dict(seeds=1, epochs=6, cnn_epochs=6),
         "batch_size_study": dict(batch_sizes=(128, 4000), epochs=5),
-        "calibration": dict(epochs=1, every=9),
+        "calibration": dict(epochs=1, every=9, dense=12),
     },
     "default": {
         "cost": dict(models=("mlp", "small_cnn", "resnet9_w4"), classes=(10, 100), batch=64,
-                     steps=6, repeats=3, callback_epochs=2, budget_epochs=20),
+                     steps=6, repeats=3, callback_epochs=2, callback_max_classes=10,
+                     budget_epochs=20),
         "accuracy": dict(hidden=16, seeds=5),
-        "time_to_target": dict(seeds=3, epochs=15, cnn_epochs=20),
+        "reference_check": dict(steps=6000),
+        "time_to_target": dict(seeds=3, epochs={"digits_cnn": 15, "mnist1d_logreg": 10,
+                                                "mnist1d_mlp": 25},
+                               cnn_epochs=25, cnn_seeds=3,
+                               cnn_optimizers=("sgd_momentum", "adam", "csn_gn", "csn_gn_exact")),
         "batch_size_study": dict(batch_sizes=(64, 256, 1000, 4000), epochs=15),
-        "calibration": dict(epochs=2, every=9),
+        "calibration": dict(epochs=2, every=10, dense=10),
     },
     "full": {
         "cost": dict(models=("mlp", "small_cnn", "resnet9_w4", "resnet9_w8"), classes=(10, 100),
                      batch=128, steps=10, repeats=5, callback_epochs=3, budget_epochs=100),
         "accuracy": dict(hidden=32, seeds=10),
-        "time_to_target": dict(seeds=3, epochs=40, cnn_epochs=100),
+        "reference_check": dict(steps=6000),
+        "time_to_target": dict(seeds=3, epochs=40, cnn_epochs=100,
+                               cnn_optimizers=("sgd", "sgd_momentum", "adam", "adahessian",
+                                               "csn_paper", "csn_gn", "csn_gn_exact")),
         "batch_size_study": dict(batch_sizes=(32, 128, 512, 1000, 4000), epochs=50),
-        "calibration": dict(epochs=5, every=9),
+        "calibration": dict(epochs=5, every=9, dense=20),
     },
 }  # fmt: skip
 
@@ -83,6 +93,7 @@ def run(mode: str = "default", sections=SECTIONS, log=print) -> dict:
         "cost": lambda: {"cost": cost.run(**config["cost"], log=log)},
         "accuracy": lambda: {"accuracy": accuracy.run(**config["accuracy"], log=log)},
         "training": lambda: {
+            "reference_check": training.reference_check(**config["reference_check"], log=log),
             "time_to_target": training.time_to_target(**config["time_to_target"], log=log),
             "batch_size_study": training.batch_size_study(**config["batch_size_study"], log=log),
             "calibration": training.calibration(**config["calibration"], log=log),
@@ -181,7 +192,7 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     if "calibration" in result:
         runs = result["calibration"]["runs"]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
         for name, rows in runs.items():
             ok = [r for r in rows if r["finite"]]
             steps = [r["step"] for r in ok]
@@ -193,13 +204,19 @@ def plot(result: dict, out: Path) -> list[Path]:
             (line,) = axes[0].plot(steps, med, "o-", label=f"{name} median over k")
             axes[0].plot(steps, low, ":", color=line.get_color(), label=f"{name} min over k")
             axes[1].plot(steps, [r["assignment_cosine"] for r in ok], "o-", label=name)
+            loss = [r["loss"] if math.isfinite(r["loss"]) and r["loss"] < 1e6 else float("nan")
+                    for r in rows]  # fmt: skip
+            axes[2].plot([r["step"] for r in rows], loss, "o-", ms=3, label=name)
             bad = [r["step"] for r in rows if not r["finite"]]
             if bad:
-                axes[0].axvline(bad[0], color=line.get_color(), ls="--", lw=0.8)
+                for ax in axes:
+                    ax.axvline(bad[0], color=line.get_color(), ls="--", lw=0.8)
         axes[0].axhline(1.0, color="k", lw=0.6)
         axes[0].set_yscale("log")
+        axes[2].set_yscale("log")
         axes[0].set_title("lambda_k / (v_k^T G v_k)  (<1: Newton step too long)", fontsize=9)
         axes[1].set_title("mean |cos|, class directions vs top-C Hessian eigvecs", fontsize=9)
+        axes[2].set_title("training loss (running mean); dashed: first non-finite", fontsize=9)
         for ax in axes:
             ax.set_xlabel("training step (digits, small_cnn)")
             ax.legend(fontsize=7)
@@ -309,6 +326,29 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
                 f"| {h['hvps']} | {h['rel_err']:.1e} | {p['rel_err']:.1e} | {d['rel_err']:.2f} |"
             )
         lines += ["", f"![estimator accuracy]({images}/estimator_accuracy.png)", ""]
+    if "reference_check" in result:
+        ref = result["reference_check"]
+        lines += [
+            "### MNIST-1D reference check",
+            "",
+            f"The MNIST-1D models trained as the dataset's authors did (Adam, lr "
+            f"{ref['learning_rate']:g}, batch {ref['batch']}, {ref['steps']} steps = "
+            f"{ref['epochs']} epochs, seed 0; test accuracy after every epoch) against the "
+            'published test accuracies. Data: `load_dataset("mnist1d")`, the generator\'s '
+            "default arguments (5000 samples, 4000 train / 1000 test, stratified split).",
+            "",
+            "| model | params | published | final test acc. | best test acc. | seconds |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for problem, row in ref["rows"].items():
+            published = row["published"]
+            lines.append(
+                f"| {problem} | {row['params']:,} | "
+                + ("–" if published is None else f"{published:.0%}")
+                + f" | {row['final_test_accuracy']:.3f} | {row['best_test_accuracy']:.3f} | "
+                f"{row['seconds']:.0f} |"
+            )
+        lines.append("")
     if "time_to_target" in result:
         lines += [
             "### Time to a target test accuracy",
@@ -370,14 +410,16 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
         lines += [
             "### λ calibration and alignment during CSN training",
             "",
-            f"Digits, `small_cnn`, every {cal['every']} steps: the optimizer's λ_k against the "
+            f"Digits, `small_cnn`, every step for the first {cal.get('dense', 0)} steps, then "
+            f"every {cal['every']} steps: the optimizer's λ_k against the "
             f"Gauss–Newton Rayleigh quotient v_kᵀGv_k on {cal['probe']} probe samples "
             "(`GGNOperator`), and the mean |cos| of the optimal assignment between the class "
             "directions and the top-C Hessian eigenvectors (`best_assignment`).",
             "",
             "| variant | records | median λ/quotient (first → last) | smallest λ/quotient "
-            "| assignment cos (first → last) | non-finite records |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| assignment cos (first → last) | first non-finite step | loss at step 1 → "
+            "last finite record |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, rows in cal["runs"].items():
             ok = [r for r in rows if r["finite"]]
@@ -392,7 +434,13 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
                 + (f"{med[0]:.3g} → {med[-1]:.3g}" if med else "–")
                 + f" | {_fmt(low, '.3g')} | "
                 + (f"{cos[0]:.2f} → {cos[-1]:.2f}" if cos else "–")
-                + f" | {sum(not r['finite'] for r in rows)} |"
+                + f" | {_fmt(next((r['step'] for r in rows if not r['finite']), None), 'd')} | "
+                + (
+                    f"{ok[0]['loss']:.3g} → {ok[-1]['loss']:.3g} (step {ok[-1]['step']})"
+                    if ok
+                    else "–"
+                )  # fmt: skip
+                + " |"
             )
         lines += ["", f"![CSN calibration]({images}/csn_calibration.png)", ""]
     return "\n".join(lines)
