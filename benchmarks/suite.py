@@ -39,11 +39,11 @@ MODES = {
         "cost": dict(models=("mlp",), classes=(10,), batch=16, steps=2, repeats=1,
                      callback_epochs=2, budget_epochs=1),
         "accuracy": dict(hidden=4, seeds=1, budgets=(3, 6)),
-        "reference_check": dict(problems=("mnist1d_logreg",), steps=80),
-        "time_to_target": dict(problems=("digits_cnn",), names=("sgd_momentum", "csn_gn"),
-                               seeds=1, epochs=1, cnn_epochs=1, cnn_optimizers=()),
-        "batch_size_study": dict(batch_sizes=(4000,), epochs=2),
-        "calibration": dict(variants=("csn_gn",), epochs=1, every=40, dense=2, probe=64),
+        "reference_check": dict(problems=("mnist1d_logreg",), steps=40),
+        "time_to_target": dict(problems=("digits_cnn",), names=("sgd",), seeds=1, epochs=1,
+                               cnn_optimizers=()),
+        "batch_size_study": dict(batch_sizes=(4000,), epochs=1),
+        "calibration": dict(variants=("csn_paper",), epochs=1, every=40, dense=2, probe=64),
     },
     "quick": {
         "cost": dict(models=("mlp", "small_cnn"), classes=(10, 100), batch=32, steps=4,
@@ -404,7 +404,16 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
                 f"{_fmt(loss['csn_gn'][-1], '.3f')} | {_fmt(row['crossover_paper'], 'd')} | "
                 f"{_fmt(row['crossover_gn'], 'd')} |"
             )
-        lines += ["", f"![batch-size study]({images}/batch_size_study.png)", ""]
+        lines += [
+            "",
+            "Crossover in batch size (the smallest batch from which CSN's final loss is below "
+            "SGD's at every larger batch; – = not even at the largest): paper "
+            f"{_fmt(b.get('batch_crossover_csn_paper'), 'd')}, GN "
+            f"{_fmt(b.get('batch_crossover_csn_gn'), 'd')}.",
+            "",
+            f"![batch-size study]({images}/batch_size_study.png)",
+            "",
+        ]
     if "calibration" in result:
         cal = result["calibration"]
         lines += [

@@ -11,7 +11,8 @@ Four parts, all on CPU-sized problems:
   line's presets (``keras_curv.cli``) plus plain SGD and the exact-inverse calibrated CSN.
 * :func:`batch_size_study`: the class-subspace paper's Fig. 2 on MNIST-1D: training loss
   per epoch of SGD and CSN (paper defaults and calibrated) for batch sizes up to the full
-  batch, and the crossover epoch after which SGD's loss stays below CSN's.
+  batch, the crossover epoch after which SGD's loss stays below CSN's, and the crossover
+  batch size from which CSN's final loss beats SGD's.
 * :func:`calibration`: during CSN training, the curvature :math:`\\lambda_k` the optimizer
   uses (eq. 17, or the Gauss–Newton variant) against the Gauss–Newton Rayleigh quotient
   :math:`v_k^\\top G v_k` on a probe batch (``GGNOperator``), and the assignment cosine
@@ -354,7 +355,33 @@ def batch_size_study(
             f"(SGD below for good from epoch) paper {row['crossover_paper']}, "
             f"GN {row['crossover_gn']}"
         )
+    for name in ("csn_paper", "csn_gn"):
+        out[f"batch_crossover_{name}"] = _batch_crossover(out["runs"], name)
+    log(
+        "  smallest batch from which CSN's final loss beats SGD's at every larger batch: "
+        f"paper {out['batch_crossover_csn_paper']}, GN {out['batch_crossover_csn_gn']}"
+    )
     return out
+
+
+def _batch_crossover(runs: dict, name: str) -> int | None:
+    """Smallest batch size from which ``name``'s final loss is below SGD's at every larger one.
+
+    ``runs`` maps batch size (as a string) to rows with final losses; None if CSN does not
+    beat SGD even at the largest batch.
+    """
+    batches = sorted(runs, key=int)
+    ahead = [
+        math.isfinite(runs[b]["loss"][name][-1])
+        and runs[b]["loss"][name][-1] < runs[b]["loss"]["sgd"][-1]
+        for b in batches
+    ]
+    crossover = None
+    for batch, good in zip(reversed(batches), reversed(ahead)):
+        if not good:
+            break
+        crossover = int(batch)
+    return crossover
 
 
 def _median_ratio(row: dict) -> float:

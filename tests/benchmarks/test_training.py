@@ -53,6 +53,22 @@ def test_crossover():
     assert _crossover([1.0, 0.5], [0.5, math.nan]) == 2
 
 
+def test_batch_crossover():
+    from benchmarks.training import _batch_crossover
+
+    def runs(pairs):
+        return {
+            str(b): {"loss": {"sgd": [9.0, sgd], "csn_gn": [9.0, csn]}}
+            for b, (sgd, csn) in pairs.items()
+        }
+
+    # CSN ahead at 256 and above, behind at 64.
+    assert _batch_crossover(runs({64: (1, 2), 256: (2, 1), 1000: (3, 2)}), "csn_gn") == 256
+    assert _batch_crossover(runs({64: (2, 1), 256: (1, 2)}), "csn_gn") is None
+    assert _batch_crossover(runs({64: (2, 1), 256: (2, 1)}), "csn_gn") == 64
+    assert _batch_crossover(runs({64: (2, 1), 256: (2, math.nan)}), "csn_gn") is None
+
+
 def _fake_result():
     machine = {
         "gpus": [],
@@ -145,8 +161,8 @@ def test_smoke_training_section(tmp_path):
     result = json.loads(output.read_text())
     (row,) = result["reference_check"]["rows"].values()
     assert 0.0 <= row["final_test_accuracy"] <= 1.0 and row["published"] == 0.32
-    assert len(row["test_accuracy"]) == result["reference_check"]["epochs"] == 2
-    steps = [r["step"] for r in result["calibration"]["runs"]["csn_gn"]]
+    assert len(row["test_accuracy"]) == result["reference_check"]["epochs"] == 1
+    steps = [r["step"] for r in result["calibration"]["runs"]["csn_paper"]]
     assert steps == [1, 2, 40]
     for name in ("batch_size_study.png", "csn_calibration.png"):
         assert (tmp_path / name).stat().st_size > 0
