@@ -523,6 +523,12 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """
         handles = batch._handles()
         labels = tf.argmax(gate.enter(onehot), axis=-1, output_type=tf.int32)
+        # A zero row after the samples: index 0 below is sample 0, or that row when this
+        # shard is empty (a replica's share of a short last batch).
+        padded = tf.nest.map_structure(
+            lambda t: tf.concat([t, tf.zeros(tf.concat([[1], tf.shape(t)[1:]], 0), t.dtype)], 0),
+            batch.x,
+        )
         rows = []
         for k in range(self.num_classes):
             # Pad every sub-batch with sample 0 at weight 0: a class absent from the batch
@@ -534,7 +540,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             member_weights = tf.concat(
                 [tf.gather(weights, members[:-1]), tf.zeros([1], weights.dtype)], axis=0
             )
-            inputs = tf.nest.map_structure(lambda t, m=members: tf.gather(t, m), batch.x)
+            inputs = tf.nest.map_structure(lambda t, m=members: tf.gather(t, m), padded)
             outputs = stateless_outputs(batch.model, handles, inputs, training=True)
             score = tf.cast(class_scores(batch.model, outputs), dtype)[:, k]
             total = tf.reduce_sum(member_weights * score) / safe_counts[k]

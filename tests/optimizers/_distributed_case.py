@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton  # noqa: E402
 
-# name -> (optimizer factory, dtype, use sample weights, batch size)
+# name -> (optimizer factory, dtype, use sample weights[, number of samples (48)])
 CASES = {
     "adahessian_f64": (lambda: AdaHessian(0.05, seed=3), "float64", False),
     "adahessian_f32": (lambda: AdaHessian(0.05, seed=3), "float32", False),
@@ -94,6 +94,13 @@ CASES = {
         "mixed_bfloat16",
         True,
     ),
+    # 49 samples: the last global batch has one sample, and the second replica none.
+    "csn_paper_short_last_batch_f64": (
+        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        "float64",
+        True,
+        49,
+    ),
     "csn_projected_exact": (
         lambda: ClassSubspaceNewton(
             0.05, curvature="projected_newton", inverse="exact", damping=0.05, update_each=2
@@ -115,17 +122,17 @@ def _model(dtype: str) -> keras.Model:
     )
 
 
-def _data(weighted: bool):
+def _data(weighted: bool, n: int = 48):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(48, 5))
-    y = rng.integers(0, 3, 48)
-    weights = rng.uniform(0.2, 2.0, 48) if weighted else None
+    x = rng.normal(size=(n, 5))
+    y = rng.integers(0, 3, n)
+    weights = rng.uniform(0.2, 2.0, n) if weighted else None
     return x, y, weights
 
 
 def _train(strategy, name: str):
-    factory, dtype, weighted = CASES[name]
-    x, y, weights = _data(weighted)
+    factory, dtype, weighted, *n = CASES[name]
+    x, y, weights = _data(weighted, *n)
     mixed = dtype.startswith("mixed")
     keras.mixed_precision.set_global_policy(dtype if mixed else "float32")
     try:
