@@ -286,9 +286,31 @@ class AdaHessian(keras.optimizers.Optimizer):
         estimate of the global batch.
         """
         gate = integration.StepGate(is_hessian_step)
-        estimates = [gate.exit(e) for e in self._probe_estimates(batch, gate.enter(signs))]
-        estimates = _hardening.all_reduce_sum(estimates)
-        return [_spatial_average(tf.abs(e)) for e in estimates]
+
+        def diagonals(replica):
+            probes = gate.enter(signs)
+            estimates = yield [gate.exit(e) for e in self._probe_estimates(replica, probes)]
+            return [_spatial_average(tf.abs(e)) for e in estimates]
+
+        return _hardening.replica_sum(batch, diagonals)
+
+    def _step_statistics(self, batch: integration.TrainBatch) -> tuple:
+        """This step's ``D`` per variable and whether it updates ``v``, in the step graph."""
+        with batch.step_graph():
+            # Drawn at every step, Hessian step or not, so the probe sequence does not
+            # depend on update_each or on the execution mode.
+            signs = self._draw_probes(_flat.flat_dim(batch.variables))
+            if batch.replicas is not None:
+                _hardening.mirror_copies(self._seed_generator.state)
+            if self.update_each == 1:
+                is_hessian_step = tf.constant(True)
+                diagonals = self._hessian_diagonals(batch, signs)
+            else:
+                iteration = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
+                is_hessian_step = tf.equal(tf.math.floormod(iteration, self.update_each), 0)
+                diagonals = self._hessian_diagonals(batch, signs, is_hessian_step)
+            updated = tf.logical_and(is_hessian_step, _hardening.all_finite(diagonals))
+        return diagonals, updated
 
     def apply(self, grads: list, trainable_variables: list | None = None):
         """Builds this step's Hessian-diagonal estimate, then applies or skips the update.
@@ -306,19 +328,10 @@ class AdaHessian(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
         variables = batch.variables
-        with batch.step_graph():
-            # Drawn at every step, Hessian step or not, so the probe sequence does not
-            # depend on update_each or on the execution mode.
-            signs = self._draw_probes(_flat.flat_dim(variables))
-            if self.update_each == 1:
-                is_hessian_step = tf.constant(True)
-                diagonals = self._hessian_diagonals(batch, signs)
-            else:
-                iteration = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
-                is_hessian_step = tf.equal(tf.math.floormod(iteration, self.update_each), 0)
-                diagonals = self._hessian_diagonals(batch, signs, is_hessian_step)
-            updated = tf.logical_and(is_hessian_step, _hardening.all_finite(diagonals))
-        gradients_finite = _hardening.all_finite_on_every_replica([*grads, batch.loss])
+        diagonals, updated = _hardening.once_per_step(
+            self, batch, lambda: self._step_statistics(batch)
+        )
+        gradients_finite = _hardening.all_finite_on_every_replica([*grads, batch.loss], batch)
         has_curvature = tf.logical_or(updated, self._hessian_iterations > 0)
         proceed = tf.logical_and(gradients_finite, has_curvature)
         if trainable_variables is not None:

@@ -422,7 +422,18 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     # ------------------------------------------------------------- statistics
 
     def _batch_statistics(self, batch: integration.TrainBatch, num_classes: int) -> dict:
-        """Per-batch class gradients, counts and curvature, built in the step's graph.
+        """Per-batch class gradients, counts and curvature of the global batch.
+
+        See :meth:`_replica_statistics`; the per-replica sums are reduced by
+        :func:`~keras_curv.optimizers._hardening.replica_sum`.
+        """
+        return _hardening.replica_sum(batch, lambda b: self._replica_statistics(b, num_classes))
+
+    def _replica_statistics(self, batch: integration.TrainBatch, num_classes: int):
+        """Generator of one replica's statistics, built in the step's graph.
+
+        Each ``yield`` hands a per-replica sum over and receives its sum over the
+        replicas.
 
         With ``update_each > 1`` (outside XLA) the backward passes are seeded through a
         ``Switch`` on the refresh predicate, so on skipped steps their ops receive a
@@ -444,9 +455,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         # Under a distribution strategy each replica holds a shard of the batch: the
         # class means and the curvature are those of the global batch, so counts,
         # size and every per-sample sum below are reduced over the replicas.
-        counts, size = _hardening.all_reduce_sum(
-            [tf.reduce_sum(weighted, axis=0), tf.cast(tf.shape(scores)[0], dtype)]
-        )
+        counts, size = yield [tf.reduce_sum(weighted, axis=0), tf.cast(tf.shape(scores)[0], dtype)]
         safe_counts = tf.where(counts > 0, counts, tf.ones_like(counts))
         per_class = tf.reduce_sum(weighted * scores, axis=0) / safe_counts
         handles = batch._handles()
@@ -461,17 +470,14 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
                 return _flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
             class_grads = [gate.exit(j) for j in integration.stacked_map(one_row, seeds)]
-        class_grads = _hardening.all_reduce_sum(class_grads)
+        class_grads = yield class_grads
         # A class whose statistics are not finite (an overflow, a NaN sample) is
         # treated as absent from this batch: its EMAs and count stay as they are.
         class_finite = tf.math.is_finite(_per_class_sq_norm(class_grads, dtype))
         present = gate.mask(tf.logical_and(counts > 0, class_finite))
         stats = {"present": present, "class_gradients": class_grads}
         if self.curvature_mode == "paper":
-            spread = (
-                _hardening.all_reduce_sum(tf.reduce_sum(weighted * probs * (1 - probs), axis=0))
-                / size
-            )
+            spread = (yield tf.reduce_sum(weighted * probs * (1 - probs), axis=0)) / size
             stats["curvature"] = spread * _per_class_sq_norm(class_grads, dtype)
             stats["present"] = tf.logical_and(present, tf.math.is_finite(stats["curvature"]))
             return stats
@@ -485,7 +491,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         block = self._gauss_newton_block(
             handles, scores, gate.enter(tf.zeros_like(scores)), probs, weights, size, directions
         )
-        block = _hardening.all_reduce_sum(gate.exit(block))
+        block = yield gate.exit(block)
         stats["curvature"] = tf.linalg.diag_part(block)
         stats["block"] = block
         stats["present"] = tf.logical_and(present, tf.reduce_all(tf.math.is_finite(block)))
@@ -517,6 +523,12 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """
         handles = batch._handles()
         labels = tf.argmax(gate.enter(onehot), axis=-1, output_type=tf.int32)
+        # A zero row after the samples: index 0 below is sample 0, or that row when this
+        # shard is empty (a replica's share of a short last batch).
+        padded = tf.nest.map_structure(
+            lambda t: tf.concat([t, tf.zeros(tf.concat([[1], tf.shape(t)[1:]], 0), t.dtype)], 0),
+            batch.x,
+        )
         rows = []
         for k in range(self.num_classes):
             # Pad every sub-batch with sample 0 at weight 0: a class absent from the batch
@@ -528,7 +540,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             member_weights = tf.concat(
                 [tf.gather(weights, members[:-1]), tf.zeros([1], weights.dtype)], axis=0
             )
-            inputs = tf.nest.map_structure(lambda t, m=members: tf.gather(t, m), batch.x)
+            inputs = tf.nest.map_structure(lambda t, m=members: tf.gather(t, m), padded)
             outputs = stateless_outputs(batch.model, handles, inputs, training=True)
             score = tf.cast(class_scores(batch.model, outputs), dtype)[:, k]
             total = tf.reduce_sum(member_weights * score) / safe_counts[k]
@@ -594,11 +606,15 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         num_classes = num_classes_of(batch.model, batch.y_pred)
         _check_classification_loss(batch.model, type(self).__name__)
         self._ensure_class_state(num_classes)
-        with batch.step_graph():
-            stats = self._batch_statistics(batch, num_classes)
+
+        def statistics():
+            with batch.step_graph():
+                return self._batch_statistics(batch, num_classes)
+
+        stats = _hardening.once_per_step(self, batch, statistics)
         # A non-finite loss or gradient (e.g. a NaN input) skips the whole step;
         # non-finite class statistics only drop those classes (see _batch_statistics).
-        proceed = _hardening.all_finite_on_every_replica([*grads, batch.loss])
+        proceed = _hardening.all_finite_on_every_replica([*grads, batch.loss], batch)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
         _hardening.apply_or_skip(

@@ -26,6 +26,7 @@ so a Keras change fails loudly there rather than silently in training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 import weakref
@@ -139,6 +140,14 @@ class TrainBatch:
         loss_scale: Factor by which ``loss`` and ``gradients`` are scaled (1 unless a
             ``LossScaleOptimizer`` wraps the optimizer).
         x: The step's inputs (``None`` if the train step does not name them ``x``).
+        replicas: ``None``, except where a ``LossScaleOptimizer`` calls the optimizer
+            from threads of its own under a strategy that needs ``merge_call`` (see
+            :func:`current_batch`): then every replica's batch, in replica order, whose
+            statistics are summed directly in the step's graph.
+        device: The device of this replica's step (with ``replicas`` only).
+        replica_id: This replica's index among the variables' local copies (with
+            ``replicas`` only): its tensors are differentiated with respect to this
+            replica's copies of the variables.
     """
 
     model: keras.Model
@@ -150,6 +159,9 @@ class TrainBatch:
     variables: list
     loss_scale: Any = 1.0
     x: Any = None
+    replicas: list | None = None
+    device: str | None = None
+    replica_id: int | None = None
 
     @property
     def graph(self) -> tf.Graph:
@@ -166,7 +178,15 @@ class TrainBatch:
         return self.graph.as_default()
 
     def _handles(self) -> list:
-        return [getattr(v, "value", v) for v in self.variables]
+        handles = [getattr(v, "value", v) for v in self.variables]
+        if self.replica_id is None:
+            return handles
+        # Outside its replica context a mirrored variable resolves to its primary copy;
+        # this replica's forward pass read its own copy.
+        return [
+            h.values[self.replica_id] if isinstance(h, tf.distribute.DistributedValues) else h
+            for h in handles
+        ]
 
     def scaled_gradients(self) -> list[tf.Tensor]:
         """The step's gradients (times ``loss_scale``), dense, recomputed only if not kept.
@@ -231,8 +251,10 @@ def _loss_scale(model: keras.Model) -> Any:
     return 1.0
 
 
-def _from_frame(optimizer) -> TrainBatch | None:
-    frame = sys._getframe(2)
+def _from_frame(optimizer, frame=None) -> TrainBatch | None:
+    """The batch of the ``train_step`` frame among ``frame``'s callers (default: ours)."""
+    if frame is None:
+        frame = sys._getframe(2)
     for _ in range(_MAX_FRAMES):
         if frame is None:
             return None
@@ -262,10 +284,47 @@ def _from_frame(optimizer) -> TrainBatch | None:
     return None
 
 
+def _from_replica_threads(optimizer) -> TrainBatch | None:
+    """This replica's batch, with every replica's, from the replica threads' frames.
+
+    Under a strategy that needs ``merge_call`` (``MirroredStrategy`` on CPUs, for
+    example), ``LossScaleOptimizer`` calls the inner optimizer from threads started
+    in a ``merge_call``, in a cross-replica ``tf.cond``. The train step's frames are
+    then on the replica threads waiting in that ``merge_call``: one per replica, each
+    a ``_MirroredReplicaThread`` that knows its ``replica_id_in_sync_group``, as does
+    the calling thread.
+    """
+    current = threading.current_thread()
+    replica = getattr(current, "replica_id_in_sync_group", None)
+    if replica is None:
+        return None
+    frames = sys._current_frames()
+    found = {}
+    for thread in threading.enumerate():
+        index = getattr(thread, "replica_id_in_sync_group", None)
+        if thread is current or index is None or thread.ident not in frames:
+            continue
+        batch = _from_frame(optimizer, frames[thread.ident])
+        if batch is not None:
+            devices = getattr(thread, "devices", None) or (None,)
+            local = getattr(thread, "replica_id", index)  # index among this worker's copies
+            found[int(index)] = dataclasses.replace(batch, device=devices[0], replica_id=int(local))
+    count = int(current.distribution.num_replicas_in_sync)
+    if sorted(found) != list(range(count)):
+        return None
+    replicas = [found[index] for index in range(count)]
+    if len({id(b.graph) for b in replicas}) != 1:
+        return None
+    return dataclasses.replace(replicas[int(replica)], replicas=replicas)
+
+
 def current_batch(optimizer: keras.optimizers.Optimizer) -> TrainBatch:
     """The batch of the train step that is calling ``optimizer``.
 
-    Must be called from the optimizer's ``apply`` while a step is being traced.
+    Must be called from the optimizer's ``apply`` while a step is being traced. The
+    batch is found on the calling thread, or, where ``LossScaleOptimizer`` calls the
+    optimizer from threads of its own (multi-replica ``mixed_float16``), on the
+    replica threads: then :attr:`TrainBatch.replicas` holds every replica's batch.
 
     Raises:
         CurvatureContextError: eager execution, or no train step / explicit context
@@ -281,6 +340,8 @@ def current_batch(optimizer: keras.optimizers.Optimizer) -> TrainBatch:
             "cannot be differentiated again."
         )
     batch = _from_frame(optimizer)
+    if batch is None:
+        batch = _from_replica_threads(optimizer)
     if batch is None:
         raise CurvatureContextError(USAGE.format(name=name))
     return batch

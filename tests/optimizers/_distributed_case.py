@@ -8,8 +8,11 @@ logical CPUs (each replica sees half of every batch). It prints one JSON line:
 per case, the largest absolute and relative weight difference, and whether each
 optimizer variable holds equal values on both replicas.
 
-Usage: ``python tests/optimizers/_distributed_case.py CASE [CASE ...]``, or
-``... --mixed-float16-error`` for the unsupported LossScaleOptimizer case.
+Cases whose dtype is a mixed-precision policy train under that global policy
+(``mixed_float16`` wraps the optimizer in a ``LossScaleOptimizer`` at compile),
+both runs alike.
+
+Usage: ``python tests/optimizers/_distributed_case.py CASE [CASE ...]``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton  # noqa: E402
 
-# name -> (optimizer factory, dtype, use sample weights, batch size)
+# name -> (optimizer factory, dtype, use sample weights[, number of samples (48)])
 CASES = {
     "adahessian_f64": (lambda: AdaHessian(0.05, seed=3), "float64", False),
     "adahessian_f32": (lambda: AdaHessian(0.05, seed=3), "float32", False),
@@ -49,6 +52,54 @@ CASES = {
         lambda: ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3),
         "float64",
         True,
+    ),
+    # An explicit LossScaleOptimizer in full precision: the multi-replica loss-scaling
+    # path (statistics summed in the step graph) without rounding noise.
+    "adahessian_loss_scaled_f64": (
+        lambda: keras.optimizers.LossScaleOptimizer(AdaHessian(0.05, seed=5, update_each=2)),
+        "float64",
+        True,
+    ),
+    "csn_paper_loss_scaled_f64": (
+        lambda: keras.optimizers.LossScaleOptimizer(ClassSubspaceNewton(0.05, damping=0.1)),
+        "float64",
+        False,
+    ),
+    "csn_gauss_newton_loss_scaled_f64": (
+        lambda: keras.optimizers.LossScaleOptimizer(
+            ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3)
+        ),
+        "float64",
+        True,
+    ),
+    "adahessian_mixed_float16": (lambda: AdaHessian(0.05, seed=3), "mixed_float16", False),
+    "adahessian_mixed_bfloat16": (lambda: AdaHessian(0.05, seed=3), "mixed_bfloat16", False),
+    "csn_paper_mixed_float16": (
+        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        "mixed_float16",
+        False,
+    ),
+    "csn_paper_mixed_bfloat16": (
+        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        "mixed_bfloat16",
+        False,
+    ),
+    "csn_gauss_newton_mixed_float16": (
+        lambda: ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3),
+        "mixed_float16",
+        True,
+    ),
+    "csn_gauss_newton_mixed_bfloat16": (
+        lambda: ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3),
+        "mixed_bfloat16",
+        True,
+    ),
+    # 49 samples: the last global batch has one sample, and the second replica none.
+    "csn_paper_short_last_batch_f64": (
+        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        "float64",
+        True,
+        49,
     ),
     "csn_projected_exact": (
         lambda: ClassSubspaceNewton(
@@ -71,25 +122,32 @@ def _model(dtype: str) -> keras.Model:
     )
 
 
-def _data(weighted: bool):
+def _data(weighted: bool, n: int = 48):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(48, 5))
-    y = rng.integers(0, 3, 48)
-    weights = rng.uniform(0.2, 2.0, 48) if weighted else None
+    x = rng.normal(size=(n, 5))
+    y = rng.integers(0, 3, n)
+    weights = rng.uniform(0.2, 2.0, n) if weighted else None
     return x, y, weights
 
 
 def _train(strategy, name: str):
-    factory, dtype, weighted = CASES[name]
-    x, y, weights = _data(weighted)
-    with strategy.scope():
-        model = _model(dtype)
-        model.compile(
-            optimizer=factory(),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    # 3 steps per epoch, 2 epochs; each replica gets 8 of the 16 samples of a batch.
-    model.fit(x, y, sample_weight=weights, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    factory, dtype, weighted, *n = CASES[name]
+    x, y, weights = _data(weighted, *n)
+    mixed = dtype.startswith("mixed")
+    keras.mixed_precision.set_global_policy(dtype if mixed else "float32")
+    try:
+        with strategy.scope():
+            model = _model(dtype)
+            model.compile(
+                optimizer=factory(),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        if dtype == "mixed_float16":
+            assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        # 3 steps per epoch, 2 epochs; each replica gets 8 of the 16 samples of a batch.
+        model.fit(x, y, sample_weight=weights, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     return model
 
 
@@ -116,6 +174,11 @@ def main(names):
             "moved": max(float(np.max(np.abs(p - q))) for p, q in zip(a, _initial(name))),
             "iterations": [int(np.asarray(m.optimizer.iterations.value)) for m in (single, double)],
             "replicas_agree": _replicas_agree(double.optimizer),
+            "finite": all(
+                np.all(np.isfinite(np.asarray(v, np.float64)))
+                for m in (single, double)
+                for v in [*m.weights, *m.optimizer.variables]
+            ),
             "num_replicas": mirrored.num_replicas_in_sync,
         }
     print(json.dumps(report))
@@ -125,25 +188,5 @@ def _initial(name):
     return [np.asarray(w, np.float64) for w in _model(CASES[name][1]).get_weights()]
 
 
-def mixed_float16_error():
-    """The error a LossScaleOptimizer-wrapped curvature optimizer gives on 2 replicas."""
-    from keras_curv.optimizers import CurvatureContextError
-
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    x, y, _ = _data(False)
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
-        model = _model("mixed_float16")
-        model.compile(optimizer=AdaHessian(), loss="sparse_categorical_crossentropy")
-    try:
-        model.fit(x.astype("float32"), y, batch_size=16, epochs=1, verbose=0)
-    except CurvatureContextError as error:
-        print(json.dumps({"error": str(error)}))
-    else:
-        print(json.dumps({"error": None}))
-
-
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--mixed-float16-error"]:
-        mixed_float16_error()
-    else:
-        main(sys.argv[1:] or list(CASES))
+    main(sys.argv[1:] or list(CASES))

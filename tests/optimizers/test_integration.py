@@ -64,6 +64,18 @@ def test_keras_train_step_still_has_the_locals_we_read():
     assert "self.optimizer.scale_loss(loss)" in source
 
 
+def test_mirrored_replica_threads_still_expose_what_we_read():
+    """Multi-replica loss scaling finds the batch on the waiting replica threads."""
+    from tensorflow.python.distribute import mirrored_run
+
+    source = inspect.getsource(mirrored_run._MirroredReplicaThread.__init__)
+    for attribute in ("replica_id_in_sync_group", "replica_id", "devices", "distribution"):
+        assert f"self.{attribute} = " in source, f"replica threads lost .{attribute}"
+    # LossScaleOptimizer runs the inner optimizer per replica inside a merge_call.
+    lso = inspect.getsource(keras.optimizers.LossScaleOptimizer._tf_apply)
+    assert "merge_call" in lso and "call_for_each_replica" in lso
+
+
 @pytest.mark.parametrize("jit_compile, steps_per_execution", [(False, 1), (True, 2)])
 def test_fit_sees_the_exact_batch_hessian(data, jit_compile, steps_per_execution):
     x, y = data
