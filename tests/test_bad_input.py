@@ -100,15 +100,110 @@ def test_csn_accepts_one_hot_labels_with_categorical_crossentropy():
     assert int(model.optimizer.class_counts.numpy().sum()) > 0
 
 
-@pytest.mark.parametrize("name", ["csn", "adahessian"])
-def test_labels_out_of_range_fail_at_the_first_batch(name):
-    # Keras's sparse cross-entropy names the range on CPU (TF's own check, kept as is).
+_OPTIMIZERS = {"csn": lambda: ClassSubspaceNewton(0.1), "adahessian": lambda: AdaHessian(0.1)}
+_SPARSE = r"sparse labels that are not whole numbers in \[0, 3\).*Remap the labels"
+_ONE_HOT = r"one-hot labels whose rows are not distributions.*to_categorical"
+_CCE = keras.losses.CategoricalCrossentropy(from_logits=True)
+
+
+def _bad_labels(kind):
     _, y = _data()
-    optimizer = ClassSubspaceNewton(0.1) if name == "csn" else AdaHessian(0.1)
-    expected = r"outside the valid range of \[0, 3\)"
-    with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
-        _fit(_model(), _XENT, y + 3, optimizer=optimizer)
+    one_hot = np.eye(3, dtype="float32")[y]
+    return {
+        "above": (_XENT, y + 3, _SPARSE),
+        "negative": (_XENT, y - 1, _SPARSE),
+        "fractional": (_XENT, y + 0.5, _SPARSE),
+        "one_hot_scaled": (_CCE, 3 * one_hot, _ONE_HOT),
+        "one_hot_negative": (_CCE, -one_hot, _ONE_HOT),
+    }[kind]
+
+
+_KINDS = ["above", "negative", "fractional", "one_hot_scaled", "one_hot_negative"]
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("csn", kind) for kind in _KINDS]
+    + [("adahessian", "above"), ("adahessian", "one_hot_scaled")],
+)
+def test_invalid_training_labels_fail_at_the_first_batch(name, kind):
+    # Before: TensorFlow's own kernel error for out-of-range labels (NaN on GPU), and
+    # silent truncation or a loss of the wrong sign and scale for the other cases.
+    loss, labels, message = _bad_labels(kind)
+    model = _model()
+    weights = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _fit(model, loss, labels, optimizer=_OPTIMIZERS[name]())
     assert _fit.batches == 0
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+@pytest.mark.parametrize("name", ["csn"])
+def test_invalid_labels_are_named_with_steps_per_execution(name):
+    """The train step runs inside a loop: the check still runs before the loss kernel."""
+    x, y = _data()
+    model = _model()
+    model.compile(optimizer=_OPTIMIZERS[name](), loss=_XENT, steps_per_execution=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_SPARSE):
+        model.fit(x, y + 3, batch_size=4, verbose=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, kind", [("csn", "above"), ("csn", "one_hot_scaled"), ("adahessian", "fractional")]
+)
+def test_invalid_training_labels_skip_the_step_under_xla(name, kind):
+    """XLA compiles no assertions: a batch with invalid labels is skipped and counted."""
+    loss, labels, _ = _bad_labels(kind)
+    x, _ = _data()
+    model = _model()
+    weights = [w.numpy().copy() for w in model.weights]
+    optimizer = _OPTIMIZERS[name]()
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+    model.fit(x, labels, batch_size=8, verbose=0)
+    assert int(optimizer.skipped_steps) == 2
+    assert int(optimizer.iterations) == 0
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, jit", [("csn", True), ("adahessian", False)])
+def test_valid_soft_and_float_labels_pass_the_label_check(name, jit):
+    """The control: float whole-number sparse labels and soft (mixup-like) rows train."""
+    x, y = _data()
+    soft = 0.7 * np.eye(3)[y] + 0.3 * np.eye(3)[(y + 1) % 3]
+    for loss, labels in ((_XENT, y.astype("float32")[:, None]), (_CCE, soft)):
+        model = _model()
+        optimizer = _OPTIMIZERS[name]()
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
+        model.fit(x, labels, batch_size=8, verbose=0)
+        assert int(optimizer.skipped_steps) == 0
+        assert int(optimizer.iterations) == 2
+
+
+def test_a_nan_one_hot_row_is_left_to_the_non_finite_step_skip():
+    """NaN labels give a NaN loss: skipped and counted (docs/hardening.md), not refused."""
+    x, y = _data()
+    labels = np.eye(3, dtype="float32")[y]
+    labels[9, 1] = np.nan  # second batch of 8
+    model = _model()
+    optimizer = ClassSubspaceNewton(0.1)
+    model.compile(optimizer=optimizer, loss=_CCE)
+    model.fit(x, labels, batch_size=8, verbose=0)
+    assert int(optimizer.skipped_steps) == 1
+    assert int(optimizer.iterations) == 1
+
+
+def test_adahessian_does_not_check_labels_of_other_losses():
+    """AdaHessian works with any loss: regression targets are not class labels."""
+    x, y = _data()
+    model = _model()
+    optimizer = AdaHessian(0.1)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, 10.0 * np.eye(3)[y] - 4.0, batch_size=8, verbose=0)
+    assert int(optimizer.iterations) == 2
 
 
 def test_labels_of_the_wrong_shape_fail_when_the_step_is_traced():

@@ -86,7 +86,15 @@ class ProbeSchedule:
         self.global_batch = 0
         self._epoch_offset = 0
 
-    def epoch_begin(self) -> None:
+    def epoch_begin(self, epoch: int | None = None, steps_per_epoch: int | None = None) -> None:
+        """Marks the start of an epoch.
+
+        A fit resumed at ``epoch > 0`` (``BackupAndRestore``, ``initial_epoch``) starts its
+        global batch count at ``epoch * steps_per_epoch``, where an uninterrupted fit
+        would be, so the batch schedule and the summary steps line up with it.
+        """
+        if self.global_batch == 0 and epoch and steps_per_epoch:
+            self.global_batch = int(epoch) * int(steps_per_epoch)
         self._epoch_offset = self.global_batch
 
     def batch_end(self, batch: int) -> bool:
@@ -347,7 +355,14 @@ class CurvatureCallback(keras.callbacks.Callback):
     cold measurement) and :meth:`_measure` (returns the
     values for ``logs`` and writes summaries). Measurements never change the model, the
     optimizer or any random stream: products use the stateless forward pass and probes
-    come from a NumPy generator seeded with ``seed``.
+    come from :meth:`probe_rng`, a NumPy generator seeded with ``(seed, step)``. Each
+    measurement's randomness is therefore a function of the seed and the step alone, so
+    a fit that is interrupted and resumed (``keras.callbacks.BackupAndRestore``, or
+    ``load_model`` and ``fit(initial_epoch=...)``) measures what an uninterrupted fit
+    would. The one difference is the eigensolver's warm start from the previous
+    measurement's eigenvectors, which a resumed fit does not have: its first
+    eigenpairs agree with the uninterrupted ones to the solver's ``tol``, not bit for
+    bit.
 
     **Schedule.** With ``every_n_epochs`` and/or ``every_n_batches`` set, measurements
     follow that fixed schedule (:class:`ProbeSchedule`), whatever they cost. With neither
@@ -428,7 +443,6 @@ class CurvatureCallback(keras.callbacks.Callback):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"`seed` must be an int; got {seed!r}.")
         self.seed = int(seed)
-        self.rng = np.random.default_rng(self.seed)
         self._prepared_for = None
         self._fingerprint = probe_fingerprint(self.probe)
         self.shared: SharedProbe | None = None
@@ -461,6 +475,14 @@ class CurvatureCallback(keras.callbacks.Callback):
         self.shared.calibrate(self.clock)
 
     # Helpers -----------------------------------------------------------------------------
+
+    def probe_rng(self, step: int) -> np.random.Generator:
+        """The random stream of the measurement at ``step``, a function of ``(seed, step)``.
+
+        Stateless across measurements, so that a resumed fit draws the same probes at the
+        same step as an uninterrupted one.
+        """
+        return np.random.default_rng([self.seed, int(step)])
 
     def _probe_outputs(self) -> Any:
         """The model's outputs on the first probe batch.
@@ -631,7 +653,8 @@ class CurvatureCallback(keras.callbacks.Callback):
         self._ledger.charge(self.clock() - start)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.schedule.epoch_begin()
+        steps = (getattr(self, "params", None) or {}).get("steps")
+        self.schedule.epoch_begin(epoch, steps)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.schedule.batch_end(batch):

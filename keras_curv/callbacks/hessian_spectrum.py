@@ -40,7 +40,8 @@ class HessianSpectrum(CurvatureCallback):
 
     One :class:`~keras_curv.curvature.HessianOperator` is built at ``on_train_begin`` and
     reused: it reads the current weights at every product and is traced once. Products use
-    a stateless forward pass and random probes come from ``numpy.random.default_rng(seed)``,
+    a stateless forward pass and random probes come from ``numpy.random.default_rng((seed,
+    step))`` (the same at a step whether or not the fit was interrupted and resumed),
     so the callback never changes weights, optimizer state, BatchNorm statistics or any
     Keras/TensorFlow random stream: training is bit-for-bit the same with or without it.
 
@@ -163,17 +164,18 @@ class HessianSpectrum(CurvatureCallback):
     def _measure(self, step: int) -> dict[str, float]:
         op = self.operator
         start = op.num_matvecs
+        rng = self.probe_rng(step)
         result, _ = self.shared.top_eigenpairs(
             self.k,
             method=self.method,
             tol=self.tol,
-            seed=int(self.rng.integers(2**31)),
+            seed=int(rng.integers(2**31)),
             init=self.eigenvectors,
             model=self.model,
             clock=self.clock,
         )
         self.eigenvalues, self.eigenvectors = result.eigenvalues, result.eigenvectors
-        trace = hutchinson_trace(op, self.trace_samples, seed=self.rng)
+        trace = hutchinson_trace(op, self.trace_samples, seed=rng)
         values = {
             "top_eigenvalue": float(result.eigenvalues[0]),
             "hessian_trace": float(trace.estimate),
@@ -184,7 +186,7 @@ class HessianSpectrum(CurvatureCallback):
         images = {"hessian/eigenvalues": render_stem(result.eigenvalues, f"top-{self.k} at {step}")}
         if self.density:
             steps = min(self.density_steps, op.dim)
-            slq = spectral_density(op, steps, self.density_probes, seed=self.rng.integers(2**31))
+            slq = spectral_density(op, steps, self.density_probes, seed=rng.integers(2**31))
             images["hessian/density"] = render_density(
                 slq.grid, slq.density, f"spectral density at {step}"
             )

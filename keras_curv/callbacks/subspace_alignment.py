@@ -226,7 +226,7 @@ class SubspaceAlignment(CurvatureCallback):
             self.k,
             method=self.method,
             tol=self.tol,
-            seed=int(self.rng.integers(2**31)),
+            seed=int(self.probe_rng(step).integers(2**31)),
             init=self.eigenvectors,
             model=self.model,
             clock=self.clock,

@@ -136,15 +136,14 @@ def probe_data(
     return ProbeData(tuple(batches))
 
 
-def class_targets(y: tf.Tensor, num_classes: int, dtype: tf.DType) -> tf.Tensor:
-    """One-hot ``(n, C)`` targets from sparse ``(n,)``/``(n, 1)`` or one-hot labels.
+def _sparse_labels(y: tf.Tensor, num_classes: int) -> tf.Tensor | None:
+    """Sparse labels as ``(n,)``, or ``None`` when ``y`` is one-hot ``(n, C)``.
 
     Raises:
-        ValueError: labels of the wrong shape, or sparse labels outside ``[0, C)``.
+        ValueError: labels of neither shape.
     """
-    y = tf.convert_to_tensor(y)
     if y.shape.rank == 2 and y.shape[-1] == num_classes and num_classes > 1:
-        return tf.cast(y, dtype)
+        return None
     if y.shape.rank == 2 and y.shape[-1] == 1:
         y = tf.squeeze(y, -1)
     if y.shape.rank != 1:
@@ -152,16 +151,79 @@ def class_targets(y: tf.Tensor, num_classes: int, dtype: tf.DType) -> tf.Tensor:
             f"Labels must be sparse integers of shape (n,) or (n, 1), or one-hot of "
             f"shape (n, {num_classes}); got shape {tuple(y.shape)}."
         )
-    if y.dtype.is_floating:
-        y_int = tf.cast(y, tf.int64)
-        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.cast(y_int, y.dtype) == y)):
-            raise ValueError("Sparse labels must be whole numbers; got fractional values.")
-        y = y_int
+    return y
+
+
+def label_validity(y: Any, num_classes: int) -> tuple[tf.Tensor, list[tf.Tensor], str]:
+    """Whether class labels are valid targets of a C-class cross-entropy, as tensors.
+
+    Sparse labels must be whole numbers in ``[0, C)``. One-hot (or soft) labels must
+    be non-negative rows that sum to 1 (to 1e-3; 1e-2 for 16-bit labels), as
+    ``categorical_crossentropy`` assumes. One-hot rows with NaN or Inf are not judged
+    here: they make the loss non-finite, and the optimizers skip such steps. Built
+    from tensor ops only, so that it works inside a traced step (a handful of
+    reductions over the labels).
+
+    Args:
+        y: Sparse ``(n,)``/``(n, 1)`` or one-hot ``(n, C)`` labels.
+        num_classes: Number of classes C.
+
+    Returns:
+        ``(valid, summary, form)``: a boolean scalar; the tensors that describe the
+        labels (smallest and largest sparse label, or smallest entry and the row sum
+        furthest from 1); ``"sparse"`` or ``"one-hot"``.
+
+    Raises:
+        ValueError: labels of the wrong shape (known statically).
+    """
+    y = tf.convert_to_tensor(y)
+    sparse = _sparse_labels(y, num_classes)
+    if sparse is None:
+        values = tf.cast(y, tf.float32)
+        loose = y.dtype in (tf.float16, tf.bfloat16)
+        # Rows with NaN/Inf are left to the non-finite step handling (they give a
+        # non-finite loss, and the optimizers skip such steps): judged as one-hot here.
+        finite = tf.reduce_all(tf.math.is_finite(values), axis=-1, keepdims=True)
+        values = tf.where(finite, values, tf.one_hot(0, num_classes, dtype=tf.float32))
+        sums = tf.reduce_sum(values, axis=-1)
+        low = tf.reduce_min(values)
+        worst = tf.reduce_max(tf.abs(sums - 1.0))
+        empty = tf.equal(tf.size(values), 0)
+        ok = tf.logical_and(low >= 0.0, worst <= (1e-2 if loose else 1e-3))
+        return tf.logical_or(empty, ok), [low, 1.0 + worst], "one-hot"
+    if sparse.dtype.is_floating:
+        # NaN fails this and +-Inf the range check (Keras would cast them to any integer).
+        values = tf.cast(sparse, tf.float64)
+        whole = tf.reduce_all(tf.equal(tf.floor(values), values))
+    else:
+        values, whole = tf.cast(sparse, tf.int64), True
+    empty = tf.equal(tf.size(values), 0)
+    # reduce_min/max of an empty tensor are +-inf (or the integer limits): masked by `empty`.
+    low, high = tf.reduce_min(values), tf.reduce_max(values)
+    in_range = tf.logical_and(low >= 0, high < tf.cast(num_classes, values.dtype))
+    return tf.logical_or(empty, tf.logical_and(whole, in_range)), [low, high], "sparse"
+
+
+def class_targets(y: tf.Tensor, num_classes: int, dtype: tf.DType) -> tf.Tensor:
+    """One-hot ``(n, C)`` targets from sparse ``(n,)``/``(n, 1)`` or one-hot labels.
+
+    Raises:
+        ValueError: labels of the wrong shape, or (eagerly) sparse labels outside
+            ``[0, C)`` or with fractional values.
+    """
+    y = tf.convert_to_tensor(y)
+    sparse = _sparse_labels(y, num_classes)
+    if sparse is None:
+        return tf.cast(y, dtype)
+    y = sparse
     if tf.executing_eagerly() and tf.size(y) > 0:
-        low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
-        if low < 0 or high >= num_classes:
+        # NaN fails this too: probe labels must be usable as they are.
+        if y.dtype.is_floating and not bool(tf.reduce_all(tf.floor(y) == y)):
+            raise ValueError("Sparse labels must be whole numbers; got fractional values.")
+        valid, (low, high), _ = label_validity(y, num_classes)
+        if not bool(valid):
             raise ValueError(
                 f"Labels must lie in [0, {num_classes}) for a {num_classes}-class output; "
-                f"got values from {low} to {high}."
+                f"got values from {int(low)} to {int(high)}."
             )
     return tf.one_hot(tf.cast(y, tf.int32), num_classes, dtype=dtype)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_curv.curvature import _flat
-from keras_curv.optimizers import _hardening, integration
+from keras_curv.optimizers import _hardening, _labels, integration
 
 
 class _StepStats:
@@ -111,7 +111,10 @@ class AdaHessian(keras.optimizers.Optimizer):
     step equals the single-device step on the global batch. A step whose loss or
     gradient is not finite, or whose first Hessian estimate is not, is skipped
     (weights and state untouched, ``iterations`` included) and counted in
-    :attr:`skipped_steps`.
+    :attr:`skipped_steps`. With Keras's (sparse) categorical cross-entropy, every step
+    checks its labels (sparse: whole numbers in ``[0, C)``; one-hot: non-negative rows
+    summing to 1) and raises ``InvalidArgumentError`` naming the problem before the loss
+    runs; under ``jit_compile`` (no assertions in XLA) such a step is skipped and counted.
 
     The optimizer needs the batch, not only gradients: use it through
     ``model.compile``/``model.fit`` (also with ``jit_compile``, ``steps_per_execution``
@@ -331,7 +334,11 @@ class AdaHessian(keras.optimizers.Optimizer):
         diagonals, updated = _hardening.once_per_step(
             self, batch, lambda: self._step_statistics(batch)
         )
-        gradients_finite = _hardening.all_finite_on_every_replica([*grads, batch.loss], batch)
+        labels_valid = _labels.guard_training_labels(batch, None, type(self).__name__)
+        # Invalid labels raise in graph mode; under XLA (no assertions) they skip the step.
+        gradients_finite = _hardening.all_finite_on_every_replica(
+            [*grads, batch.loss, _labels.as_finite_flag(labels_valid)], batch
+        )
         has_curvature = tf.logical_or(updated, self._hessian_iterations > 0)
         proceed = tf.logical_and(gradients_finite, has_curvature)
         if trainable_variables is not None:

@@ -42,7 +42,7 @@ from keras_curv.curvature import _flat
 from keras_curv.curvature._data import class_targets
 from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.class_gradients import class_scores, num_classes_of
-from keras_curv.optimizers import _hardening, integration
+from keras_curv.optimizers import _hardening, _labels, integration
 
 _CURVATURES = ("paper", "gauss_newton", "projected_newton")
 _INVERSES = ("diagonal", "exact")
@@ -159,9 +159,11 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     curvature the way Keras's ``"sum_over_batch_size"`` loss does:
     :math:`c^B_k = \sum_\mu w_\mu y^\mu_k \nabla z^\mu_k / \sum_\mu w_\mu y^\mu_k` and
     :math:`\lambda^B_k = \frac{1}{|B|}\sum_\mu w_\mu y^\mu_k p^\mu_k(1-p^\mu_k)|c^B_k|^2`;
-    a class whose weights sum to zero counts as absent. Sparse labels outside
-    ``[0, C)`` give an all-zero one-hot row inside a traced step (the sample joins no
-    class); eager data checks raise ``ValueError``.
+    a class whose weights sum to zero counts as absent. Every step checks its labels
+    (sparse: whole numbers in ``[0, C)``; one-hot: non-negative rows summing to 1) and
+    raises ``InvalidArgumentError`` naming the problem before the loss runs; under
+    ``jit_compile``, where XLA drops assertions, such a step is skipped and counted in
+    :attr:`skipped_steps` instead.
 
     Options beyond the paper (all off by default):
 
@@ -179,9 +181,18 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     * ``curvature="projected_newton"``: Newton on the whole C x C block,
       :math:`K = V^\top G_B V` (from the last statistics refresh), step
       :math:`\theta \leftarrow \theta - \eta P g - V (K + \delta I)^+ V^\top g`
-      with :math:`\delta` = ``damping``.
+      with :math:`\delta` = ``damping``, by default :math:`1/\eta`. That default is
+      the proximal (Levenberg–Marquardt) form of the subspace step: it minimises
+      :math:`u^\top V^\top g + \tfrac12 u^\top K u + \tfrac{1}{2\eta}|u|^2`, so the
+      step along the class directions is never longer than the SGD step there (it
+      is Newton where :math:`K \gg 1/\eta` and SGD where :math:`K \ll 1/\eta`).
+      Without it (``damping=0``) the small eigenvalues of :math:`K` early in training
+      give huge steps: the digits CNN diverges to NaN at :math:`\eta = 0.1`.
     * ``damping`` is added to every :math:`\lambda_k` and ``max_inverse_curvature``
-      caps :math:`1/\lambda_k` (i.e. floors :math:`\lambda_k`).
+      caps :math:`1/\lambda_k` (i.e. floors :math:`\lambda_k`). ``damping=None``
+      (the default) means 0 for ``"paper"`` and ``"gauss_newton"`` and
+      :math:`1/\eta` (the current learning rate, schedules included) for
+      ``"projected_newton"``.
     * ``update_each=k`` refreshes the class statistics (the Jacobian and curvature)
       only on steps whose iteration count is a multiple of k; other steps reuse the
       stored EMAs. Without XLA the statistics' ops do not run on skipped steps; under
@@ -209,7 +220,9 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         curvature: ``"paper"`` (eq. 17), ``"gauss_newton"`` or ``"projected_newton"``.
         inverse: ``"diagonal"`` (eq. 13–15) or ``"exact"``.
         damping: Non-negative value added to each :math:`\lambda_k` (to :math:`K` for
-            ``"projected_newton"``).
+            ``"projected_newton"``), or ``None`` for the mode's default: 0 for
+            ``"paper"`` and ``"gauss_newton"``, :math:`1/\eta` for
+            ``"projected_newton"``.
         max_inverse_curvature: Optional positive cap on :math:`1/\lambda_k`.
         update_each: Refresh class statistics every this many steps (>= 1).
         num_classes: Number of classes C. Discovered from the model output on the
@@ -240,7 +253,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         momentum: float = 0.0,
         curvature: str = "paper",
         inverse: str = "diagonal",
-        damping: float = 0.0,
+        damping: float | None = None,
         max_inverse_curvature: float | None = None,
         update_each: int = 1,
         num_classes: int | None = None,
@@ -278,8 +291,8 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             raise ValueError(f"`curvature` must be one of {_CURVATURES}; got {curvature!r}.")
         if inverse not in _INVERSES:
             raise ValueError(f"`inverse` must be one of {_INVERSES}; got {inverse!r}.")
-        if float(damping) < 0.0:
-            raise ValueError(f"`damping` must be non-negative; got {damping}.")
+        if damping is not None and not float(damping) >= 0.0:
+            raise ValueError(f"`damping` must be non-negative or None; got {damping}.")
         if max_inverse_curvature is not None and float(max_inverse_curvature) <= 0.0:
             raise ValueError(
                 f"`max_inverse_curvature` must be positive or None; got {max_inverse_curvature}."
@@ -292,7 +305,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         self.momentum = float(momentum)
         self.curvature_mode = curvature
         self.inverse = inverse
-        self.damping = float(damping)
+        self.damping = None if damping is None else float(damping)
         self.max_inverse_curvature = (
             None if max_inverse_curvature is None else float(max_inverse_curvature)
         )
@@ -606,6 +619,9 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         num_classes = num_classes_of(batch.model, batch.y_pred)
         _check_classification_loss(batch.model, type(self).__name__)
         self._ensure_class_state(num_classes)
+        labels_valid = _labels.guard_training_labels(
+            batch, num_classes, type(self).__name__, always=True
+        )
 
         def statistics():
             with batch.step_graph():
@@ -614,7 +630,10 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         stats = _hardening.once_per_step(self, batch, statistics)
         # A non-finite loss or gradient (e.g. a NaN input) skips the whole step;
         # non-finite class statistics only drop those classes (see _batch_statistics).
-        proceed = _hardening.all_finite_on_every_replica([*grads, batch.loss], batch)
+        # Invalid labels raise in graph mode; under XLA (no assertions) they skip it.
+        proceed = _hardening.all_finite_on_every_replica(
+            [*grads, batch.loss, _labels.as_finite_flag(labels_valid)], batch
+        )
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
         _hardening.apply_or_skip(
@@ -683,8 +702,23 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
             learning_rate,
         )
 
-    def _effective_curvature(self, curvature):
-        curvature = curvature + tf.constant(self.damping, curvature.dtype)
+    def _damping(self, dtype: tf.DType, lr: tf.Tensor | None = None) -> tf.Tensor:
+        """The damping :math:`\\delta` in force: ``damping``, or the mode's default.
+
+        ``damping=None`` means 0 for ``"paper"`` and ``"gauss_newton"`` (eq. 15–17 as
+        written) and :math:`1/\\eta` (the current learning rate) for
+        ``"projected_newton"``.
+        """
+        if self.damping is not None:
+            return tf.constant(self.damping, dtype)
+        if self.curvature_mode != "projected_newton":
+            return tf.constant(0.0, dtype)
+        if lr is None:
+            lr = self._get_current_learning_rate()
+        return 1.0 / tf.cast(lr, dtype)
+
+    def _effective_curvature(self, curvature, lr=None):
+        curvature = curvature + self._damping(curvature.dtype, lr)
         if self.max_inverse_curvature is not None:
             floor = tf.constant(1.0 / self.max_inverse_curvature, curvature.dtype)
             curvature = tf.maximum(curvature, floor)
@@ -694,7 +728,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         """``a`` with step ``d = lr g + sum_k a_k v_k``."""
         dtype = self._stat_dtype
         if self.curvature_mode != "projected_newton" and self.inverse == "diagonal":
-            return (1.0 / self._effective_curvature(curvature) - lr) * projections
+            return (1.0 / self._effective_curvature(curvature, lr) - lr) * projections
         flat = tf.concat(
             [tf.reshape(tf.cast(d, dtype), [self.num_classes, -1]) for d in directions], 1
         )
@@ -702,9 +736,9 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
         gram_pinv = _sym_pinv(gram)
         if self.curvature_mode == "projected_newton":
             eye = tf.eye(self.num_classes, dtype=dtype)
-            newton = _sym_pinv(block + tf.constant(self.damping, dtype) * eye)
+            newton = _sym_pinv(block + self._damping(dtype, lr) * eye)
         else:
-            lam = self._effective_curvature(curvature)
+            lam = self._effective_curvature(curvature, lr)
             newton = _sym_pinv(tf.matmul(gram * lam[None, :], gram))
         return tf.linalg.matvec(newton - lr * gram_pinv, projections)
 
