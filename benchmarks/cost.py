@@ -166,9 +166,11 @@ def budget_overhead(epochs: int, repeats: int = 1) -> dict:
                 callback_overhead.run(data, epochs, 256, key == "callbacks", repeat, "budget")
             )
     plain = min(r["seconds"] for r in runs["plain"])
+    # Fastest of ``repeats`` interleaved fits each, so load spikes inflate neither side.
     best = min(runs["callbacks"], key=lambda r: r["seconds"])
     return {
         "epochs": epochs,
+        "repeats": repeats,
         "plain_s": plain,
         "callbacks_s": best["seconds"],
         "overhead": best["seconds"] / plain - 1.0,
@@ -217,7 +219,9 @@ def run(
                 f"callbacks {row['callback_measurement_s']:.2f} s/measurement"
             )
             rows.append(row)
-    budget = budget_overhead(budget_epochs)
+    # A fit of a few seconds varies by ~25% run to run on a shared CPU, more than the
+    # overhead being measured: take the fastest of several interleaved fits of each kind.
+    budget = budget_overhead(budget_epochs, repeats=max(repeats, 3))
     log(
         f"  budget schedule, {budget_epochs} epochs: overhead {100 * budget['overhead']:.1f}%, "
         f"{budget['measurements']} measurements"

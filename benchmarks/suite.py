@@ -290,7 +290,8 @@ def markdown(result: dict, images: str = "images/benchmarks") -> str:
         lines += [
             "",
             f"Budget schedule (`max_overhead={b['target']}`, digits, `small_cnn`, "
-            f"{b['epochs']} epochs): plain {b['plain_s']:.1f} s, with both callbacks "
+            f"{b['epochs']} epochs, fastest of {b.get('repeats', 1)} interleaved fits each): "
+            f"plain {b['plain_s']:.1f} s, with both callbacks "
             f"{b['callbacks_s']:.1f} s, overhead {100 * b['overhead']:+.1f} %, "
             f"{b['measurements']} measurements.",
             "",
