@@ -58,7 +58,7 @@ MODES = {
     "default": {
         "cost": dict(models=("mlp", "small_cnn", "resnet9_w4"), classes=(10, 100), batch=32,
                      steps=4, repeats=2, callback_epochs=2, callback_max_classes=10,
-                     budget_epochs=20, skip=(("resnet9_w4", 100),)),
+                     budget_epochs=20),
         "accuracy": dict(hidden=16, seeds=5),
         "reference_check": dict(steps=6000),
         "time_to_target": dict(seeds=3, epochs={"digits_cnn": 15, "mnist1d_logreg": 10,
