@@ -122,6 +122,25 @@ PROBLEMS = {
 PUBLISHED = {"mnist1d_logreg": 0.32, "mnist1d_mlp": 0.68, "mnist1d_cnn": 0.94}
 
 
+def _fit_with_test(model, data, batch: int, epochs: int, callbacks=()):
+    """``model.fit`` on the training split, scored on the test split after every epoch.
+
+    Returns the history, the test accuracy per epoch and the wall time of the fit.
+    """
+    start = time.perf_counter()
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        batch_size=batch,
+        epochs=epochs,
+        validation_data=(data.x_test, data.y_test),
+        callbacks=list(callbacks),
+        verbose=0,
+    )
+    seconds = time.perf_counter() - start
+    return history, [float(a) for a in history.history["val_accuracy"]], seconds
+
+
 def reference_check(
     problems=tuple(PUBLISHED), *, steps: int = 6000, batch: int = 100, seed: int = 0, log=print
 ) -> dict:
@@ -137,23 +156,14 @@ def reference_check(
         keras.utils.set_random_seed(seed)
         model = PROBLEMS[problem][1](data)
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS, metrics=["accuracy"])
-        start = time.perf_counter()
-        history = model.fit(
-            data.x_train,
-            data.y_train,
-            batch_size=batch,
-            epochs=epochs,
-            validation_data=(data.x_test, data.y_test),
-            verbose=0,
-        )
-        accs = [float(a) for a in history.history["val_accuracy"]]
+        _, accs, seconds = _fit_with_test(model, data, batch, epochs)
         row = {
             "published": PUBLISHED.get(problem),
             "final_test_accuracy": accs[-1],
             "best_test_accuracy": max(accs),
             "test_accuracy": accs,
             "params": model.count_params(),
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,
         }
         out["rows"][problem] = row
         log(
@@ -214,24 +224,14 @@ def train_once(problem: str, optimizer: str, seed: int, epochs: int) -> dict:
     model = build(data)
     model.compile(optimizer=optimizers()[optimizer][2](seed), loss=LOSS, metrics=["accuracy"])
     stop = _Stop(target)
-    start = time.perf_counter()
-    history = model.fit(
-        data.x_train,
-        data.y_train,
-        batch_size=batch,
-        epochs=epochs,
-        validation_data=(data.x_test, data.y_test),
-        callbacks=[stop],
-        verbose=0,
-    )
-    accs = [float(a) for a in history.history["val_accuracy"]]
+    history, accs, seconds = _fit_with_test(model, data, batch, epochs, [stop])
     return {
         "seed": seed,
         "reached_epoch": stop.reached_epoch,
         "reached_seconds": stop.reached_seconds,
         "diverged": stop.diverged,
         "epochs_run": len(accs),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "best_test_accuracy": max(accs) if accs else float("nan"),
         "final_loss": float(history.history["loss"][-1]),
     }

@@ -38,17 +38,6 @@ def _replica_context() -> tf.distribute.ReplicaContext | None:
     return context
 
 
-def num_replicas() -> int:
-    """Number of replicas in sync (1 without a distribution strategy)."""
-    context = tf.distribute.get_replica_context()
-    return 1 if context is None else int(context.num_replicas_in_sync)
-
-
-def current_batch(optimizer) -> integration.TrainBatch:
-    """:func:`integration.current_batch` (kept as the optimizers' single entry point)."""
-    return integration.current_batch(optimizer)
-
-
 def replica_sum(batch: integration.TrainBatch, statistics: Callable[..., Generator]) -> Any:
     """Runs the generator ``statistics(batch)``, answering each ``yield`` with a replica sum.
 

@@ -324,7 +324,7 @@ class AdaHessian(keras.optimizers.Optimizer):
         no earlier estimate exists to precondition with. A non-finite estimate after
         that skips only the update of ``v`` (the step uses the stored ``v``).
         """
-        batch = _hardening.current_batch(self)
+        batch = integration.current_batch(self)
         if not self.built:
             if trainable_variables is None:
                 return super().apply(grads, trainable_variables)  # raises Keras's error

@@ -604,7 +604,7 @@ class ClassSubspaceNewton(keras.optimizers.Optimizer):
     # ----------------------------------------------------------------- update
 
     def apply(self, grads, trainable_variables=None):
-        batch = _hardening.current_batch(self)
+        batch = integration.current_batch(self)
         if not self.built:
             variables = trainable_variables or batch.variables
             with keras.name_scope(self.name, caller=self):
