@@ -28,7 +28,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_curv._losses import PerSampleLoss, as_keras_loss
+from keras_curv._internal.data import ProbeData, probe_data
+from keras_curv._internal.losses import PerSampleLoss, as_keras_loss
+from keras_curv._internal.model import stateless_outputs
 from keras_curv.callbacks._shared import (
     SharedProbe,
     model_entry,
@@ -36,8 +38,6 @@ from keras_curv.callbacks._shared import (
     shared_probe,
     weights_state,
 )
-from keras_curv.curvature._data import ProbeData, probe_data
-from keras_curv.curvature._model import stateless_outputs
 from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.operators import HessianOperator, resolve_loss
 

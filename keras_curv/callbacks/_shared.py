@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_curv.curvature._data import ProbeData
+from keras_curv._internal.data import ProbeData
 from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
 from keras_curv.curvature.operators import HessianOperator
 

@@ -12,13 +12,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_curv._internal.data import class_targets
 from keras_curv.callbacks._base import (
     CurvatureCallback,
     check_eigensolver_args,
     render_heatmap,
     unwrapped_optimizer,
 )
-from keras_curv.curvature._data import class_targets
 from keras_curv.curvature.alignment import (
     DEFAULT_RANK_RTOL,
     best_assignment,

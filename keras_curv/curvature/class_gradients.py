@@ -15,9 +15,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_curv.curvature import _flat
-from keras_curv.curvature._data import class_targets, probe_data
-from keras_curv.curvature._model import stateless_outputs
+from keras_curv._internal import flat as _flat
+from keras_curv._internal.data import class_targets, probe_data
+from keras_curv._internal.model import stateless_outputs
 
 _LOG_FLOOR = 1e-30
 
@@ -155,7 +155,7 @@ class ClassGradients:
             x: Inputs, or a finite ``tf.data.Dataset`` of ``(x, y[, w])``.
             y: Sparse ``(n,)`` or one-hot ``(n, C)`` labels (``None`` for a dataset).
             batch_size: Rows per batch for array data.
-            data: Already prepared :class:`~keras_curv.curvature._data.ProbeData`; when
+            data: Already prepared :class:`~keras_curv._internal.data.ProbeData`; when
                 given, ``x``, ``y`` and ``batch_size`` are ignored (the callbacks pass
                 their validated probe set, so nothing is re-sliced per call).
 

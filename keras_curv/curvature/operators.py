@@ -1,7 +1,7 @@
 """Curvature operators: symmetric matrices over the flat parameter space, seen through matvecs.
 
 Every operator acts on *flat vectors*: the trainable variables of the model, each
-flattened row-major and concatenated in order (see :mod:`keras_curv.curvature._flat`).
+flattened row-major and concatenated in order (see :mod:`keras_curv._internal.flat`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_curv._losses import as_keras_loss
-from keras_curv.curvature import _flat
-from keras_curv.curvature._data import ProbeBatch, probe_data
-from keras_curv.curvature._model import stateless_outputs
+from keras_curv._internal import flat as _flat
+from keras_curv._internal.data import ProbeBatch, probe_data
+from keras_curv._internal.losses import as_keras_loss
+from keras_curv._internal.model import stateless_outputs
 
 
 class LinearOperator:

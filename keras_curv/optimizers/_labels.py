@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_curv.curvature._data import label_validity
+from keras_curv._internal.data import label_validity
 from keras_curv.optimizers import integration
 
 _CLASS_LOSSES = {

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_curv.curvature import _flat
+from keras_curv._internal import flat as _flat
 from keras_curv.optimizers import _hardening, _labels, integration
 
 

@@ -38,9 +38,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_curv.curvature import _flat
-from keras_curv.curvature._data import class_targets
-from keras_curv.curvature._model import stateless_outputs
+from keras_curv._internal import flat as _flat
+from keras_curv._internal.data import class_targets
+from keras_curv._internal.model import stateless_outputs
 from keras_curv.curvature.class_gradients import class_scores, num_classes_of
 from keras_curv.optimizers import _hardening, _labels, integration
 

@@ -38,8 +38,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-from keras_curv._losses import as_keras_loss
-from keras_curv.curvature import _flat
+from keras_curv._internal import flat as _flat
+from keras_curv._internal.losses import as_keras_loss
 
 _TRAIN_STEP_LOCALS = ("y", "y_pred")
 _MAX_FRAMES = 40

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv.curvature._data import class_targets, probe_data
+from keras_curv._internal.data import class_targets, probe_data
 
 
 def test_arrays_are_batched_exactly():
