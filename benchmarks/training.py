@@ -419,7 +419,7 @@ class _Calibration(keras.callbacks.Callback):
             return
         opt = self.model.optimizer
         row = {"step": self.step, "loss": float((logs or {}).get("loss", float("nan")))}
-        lam = opt.curvature.numpy().astype(np.float64)
+        lam = opt.class_curvatures.numpy().astype(np.float64)
         directions = opt.class_directions()
         row["lambda"] = lam.tolist()
         finite = np.all(np.isfinite(lam)) and math.isfinite(row["loss"])

@@ -3,11 +3,23 @@
 __version__ = "0.1.0"
 
 from keras_curv import curvature, optimizers  # noqa: E402
-from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, curvature_step  # noqa: E402
+from keras_curv.optimizers import (  # noqa: E402
+    AdaHessian,
+    ClassSubspaceNewton,
+    CurvatureContextError,
+    CurvatureOptimizer,
+    TrainBatch,
+    attach,
+    curvature_step,
+)
 
 __all__ = [
     "AdaHessian",
     "ClassSubspaceNewton",
+    "CurvatureContextError",
+    "CurvatureOptimizer",
+    "TrainBatch",
+    "attach",
     "curvature",
     "curvature_step",
     "optimizers",

@@ -46,3 +46,61 @@ def as_keras_loss(loss: Any) -> keras.losses.Loss | None:
     if callable(loss) and getattr(loss, "__module__", "").startswith("keras"):
         return PerSampleLoss(loss)
     return None
+
+
+_FAMILIES = {
+    "sparse_categorical_crossentropy": "categorical",
+    "categorical_crossentropy": "categorical",
+    "categorical_focal_crossentropy": "categorical_focal",
+    "binary_crossentropy": "binary",
+    "binary_focal_crossentropy": "binary_focal",
+    "mean_squared_error": "squared_error",
+}
+_OTHER_KERAS_LOSSES = (
+    "mean_absolute_error",
+    "mean_absolute_percentage_error",
+    "mean_squared_logarithmic_error",
+    "huber",
+    "log_cosh",
+    "hinge",
+    "squared_hinge",
+    "categorical_hinge",
+    "poisson",
+    "kl_divergence",
+    "cosine_similarity",
+    "ctc",
+    "dice",
+    "tversky",
+    "circle",
+    "categorical_generalized_cross_entropy",
+)
+
+
+def loss_family(loss: Any) -> str | None:
+    """Which kind of Keras loss ``loss`` is: the one predicate every optimizer uses.
+
+    Args:
+        loss: What was passed to ``compile(loss=...)``: a name, a ``keras.losses.Loss``,
+            a Keras loss function, or anything else.
+
+    Returns:
+        ``"categorical"`` (softmax cross-entropy over C classes, sparse or one-hot),
+        ``"categorical_focal"``, ``"binary"`` (sigmoid cross-entropy), ``"binary_focal"``,
+        ``"squared_error"``, ``"other"`` for any other Keras loss, and ``None`` for what
+        is not a single Keras loss (a custom function or ``Loss`` subclass, several
+        losses for several outputs): those are trusted, not judged.
+    """
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    function = getattr(loss, "fn", loss)
+    for name, family in _FAMILIES.items():
+        if function is getattr(keras.losses, name, None):
+            return family
+    for name in _OTHER_KERAS_LOSSES:
+        candidate = getattr(keras.losses, name, None)
+        if candidate is not None and function is candidate:
+            return "other"
+    return None

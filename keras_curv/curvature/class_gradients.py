@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from keras_curv._internal import flat as _flat
 from keras_curv._internal.data import class_targets, probe_data
+from keras_curv._internal.keras_privates import softmax_logits
 from keras_curv._internal.model import stateless_outputs
 
 _LOG_FLOOR = 1e-30
@@ -43,7 +44,7 @@ def class_scores(model: keras.Model, outputs: tf.Tensor) -> tf.Tensor:
     softmax (computed from the cached pre-softmax logits when Keras kept them, which
     is exact and stable).
     """
-    logits = getattr(outputs, "_keras_logits", None)
+    logits = softmax_logits(outputs)
     if logits is not None:
         return tf.nn.log_softmax(logits, axis=-1)
     if ends_in_softmax(model):

@@ -1,17 +1,26 @@
-"""Curvature-aware Keras optimizers and the machinery that feeds them the batch."""
+"""Curvature-aware Keras optimizers, and the contract that gives them the batch."""
 
 from keras_curv.optimizers.adahessian import AdaHessian
+from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
+from keras_curv.optimizers.batch import LayerCall, LayerTap, TrainBatch
 from keras_curv.optimizers.class_subspace_newton import ClassSubspaceNewton
-from keras_curv.optimizers.integration import (
+from keras_curv.optimizers.contract import (
     CurvatureContextError,
-    TrainBatch,
+    attach,
     curvature_step,
 )
+from keras_curv.optimizers.distribute import replica_sum
 
 __all__ = [
     "AdaHessian",
     "ClassSubspaceNewton",
     "CurvatureContextError",
+    "CurvatureOptimizer",
+    "LayerCall",
+    "LayerTap",
+    "StepStatistics",
     "TrainBatch",
+    "attach",
     "curvature_step",
+    "replica_sum",
 ]

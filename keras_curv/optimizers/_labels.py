@@ -16,32 +16,12 @@ are invalid, which is what happens under ``jit_compile``.
 
 from __future__ import annotations
 
-from typing import Any
-
-import keras
 import tensorflow as tf
 
 from keras_curv._internal.data import label_validity
-from keras_curv.optimizers import integration
-
-_CLASS_LOSSES = {
-    keras.losses.sparse_categorical_crossentropy,
-    keras.losses.categorical_crossentropy,
-    keras.losses.categorical_focal_crossentropy,
-}
-
-
-def _is_class_loss(loss: Any) -> bool:
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return False
-    function = getattr(loss, "fn", loss)
-    try:
-        return function in _CLASS_LOSSES
-    except TypeError:  # unhashable: a list or dict of losses (several outputs, not checked)
-        return False
+from keras_curv._internal.keras_privates import run_before, under_xla
+from keras_curv._internal.losses import loss_family
+from keras_curv.optimizers.batch import TrainBatch
 
 
 def _message(owner: str, form: str, num_classes: int) -> str:
@@ -61,7 +41,7 @@ def _message(owner: str, form: str, num_classes: int) -> str:
 
 
 def guard_training_labels(
-    batch: integration.TrainBatch, num_classes: int | None, owner: str, *, always: bool = False
+    batch: TrainBatch, num_classes: int | None, owner: str, *, always: bool = False
 ) -> tf.Tensor | None:
     """Asserts that the step's labels fit a C-class cross-entropy; returns the predicate.
 
@@ -82,7 +62,8 @@ def guard_training_labels(
     Raises:
         ValueError: labels whose shape fits neither form (known while tracing).
     """
-    if not always and not _is_class_loss(getattr(batch.model, "loss", None)):
+    family = loss_family(getattr(batch.model, "loss", None))
+    if not always and family not in ("categorical", "categorical_focal"):
         return None
     if batch.y is None or isinstance(batch.y, (list, tuple, dict)):
         return None
@@ -95,19 +76,16 @@ def guard_training_labels(
         num_classes = int(shape[-1])
     with batch.step_graph():
         labels = tf.convert_to_tensor(batch.y)
-        readers = [] if integration.under_xla() else list(labels.consumers())
+        readers = [] if under_xla() else list(labels.consumers())
         valid, summary, form = label_validity(labels, num_classes)
-        if integration.under_xla():
+        if under_xla():
             return valid
         check = tf.debugging.Assert(valid, [_message(owner, form, num_classes), *summary])
         # Run before the loss that already reads the labels: otherwise TensorFlow's loss
-        # kernel may fail first, with its own message.
-        # `_add_control_input` is TensorFlow-internal; where it is gone, the check still
-        # runs (and skips the step), only after the loss instead of before it.
+        # kernel may fail first, with its own message. Where that is unsupported the
+        # check still runs (and skips the step), only after the loss.
         for op in readers:
-            add_control_input = getattr(op, "_add_control_input", None)
-            if add_control_input is not None:
-                add_control_input(check)
+            run_before(op, check)
         with tf.control_dependencies([check]):
             return tf.identity(valid)
 

@@ -227,7 +227,7 @@ def test_class_subspace_newton_state_reaches_logs_and_tensorboard(tmp_path):
     assert {"optimizer/curvature_1", "optimizer/inverse_curvature_3"} <= tags
     logged = events.Tensors("optimizer/curvature_2")[-1]
     value = float(tf.make_ndarray(logged.tensor_proto))
-    np.testing.assert_allclose(value, float(optimizer.curvature[1]), rtol=1e-5)
+    np.testing.assert_allclose(value, float(optimizer.class_curvatures[1]), rtol=1e-5)
 
 
 def test_degenerate_model_logs_nan_instead_of_stopping_training():

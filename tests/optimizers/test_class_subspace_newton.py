@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv.optimizers import ClassSubspaceNewton, CurvatureContextError, curvature_step
+from keras_curv.optimizers import (
+    ClassSubspaceNewton,
+    CurvatureContextError,
+    class_statistics,
+    curvature_step,
+)
 
 C = 3
 D = 4
@@ -217,7 +222,7 @@ def _fit_and_compare(
 def test_golden_eq_15_17(softmax):
     model, opt, expected, history = _fit_and_compare({}, {}, softmax=softmax)
     np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(opt.curvature.numpy(), history[-1]["lam"], rtol=1e-6)
+    np.testing.assert_allclose(opt.class_curvatures.numpy(), history[-1]["lam"], rtol=1e-6)
     np.testing.assert_allclose(
         opt.class_directions().numpy(), history[-1]["V"], rtol=1e-6, atol=1e-12
     )
@@ -263,7 +268,7 @@ def test_golden_options(opt_kwargs, ref_kwargs):
     """Every option against the NumPy transcription (dense pinv, dense GGN Rayleigh quotients)."""
     model, opt, expected, history = _fit_and_compare(opt_kwargs, ref_kwargs, softmax=True)
     np.testing.assert_allclose(_theta(model), expected, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(opt.curvature.numpy(), history[-1]["lam"], rtol=1e-8)
+    np.testing.assert_allclose(opt.class_curvatures.numpy(), history[-1]["lam"], rtol=1e-8)
 
 
 def test_one_hot_equals_sparse_labels():
@@ -286,7 +291,7 @@ def test_unseen_class_has_unit_curvature_and_zero_direction():
     y = np.array([0, 1] * 12)
     model, opt, expected, _ = _fit_and_compare({}, {}, y=y, epochs=1)
     np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
-    assert opt.curvature.numpy()[2] == 1.0
+    assert opt.class_curvatures.numpy()[2] == 1.0
     np.testing.assert_array_equal(opt.class_directions().numpy()[2], 0.0)
     np.testing.assert_array_equal(opt.class_counts.numpy(), [4, 4, 0])
 
@@ -301,7 +306,7 @@ def test_sample_weights_weight_means_and_curvature():
 
 def test_exact_inverse_matches_dense_pinv_for_correlated_directions():
     """The C x C identity (V L V^T)^+ = V (S L S)^+ V^T against numpy.linalg.pinv."""
-    from keras_curv.optimizers.class_subspace_newton import _sym_pinv
+    from keras_curv.optimizers.class_subspace_math import sym_pinv as _sym_pinv
 
     rng = np.random.RandomState(0)
     for rank in (3, 2):
@@ -326,7 +331,8 @@ def test_gauss_newton_curvature_is_the_rayleigh_quotient():
     p = _softmax(xb @ theta0[: D * C].reshape(D, C) + theta0[D * C :])
     jl = _logit_jacobians(xb)
     G = sum(jl[m].T @ (np.diag(p[m]) - np.outer(p[m], p[m])) @ jl[m] for m in range(24)) / 24
-    np.testing.assert_allclose(opt.curvature.numpy(), np.einsum("kd,de,ke->k", V, G, V), rtol=1e-9)
+    quotients = np.einsum("kd,de,ke->k", V, G, V)
+    np.testing.assert_allclose(opt.class_curvatures.numpy(), quotients, rtol=1e-9)
 
 
 # --------------------------------------------------------- NOTES and convergence
@@ -469,7 +475,7 @@ def test_mixed_float16(digits):
         model.fit(x, y, batch_size=50, epochs=4, shuffle=False, verbose=0)
         end = model.evaluate(x, y, verbose=0)[0]
         assert np.isfinite(end) and end < 0.6 * start
-        assert opt.curvature.dtype == tf.float32
+        assert opt.class_curvatures.dtype == tf.float32
         assert np.all(opt.class_counts.numpy() > 0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -524,7 +530,7 @@ def test_projected_newton_trains_out_of_the_box(digits):
     assert ClassSubspaceNewton.from_config(opt.get_config()).get_config() == opt.get_config()
     summary = opt.curvature_summary()
     np.testing.assert_allclose(
-        summary["inverse_curvature"].numpy(), 1.0 / (opt.curvature.numpy() + 10.0), rtol=1e-6
+        summary["inverse_curvature"].numpy(), 1.0 / (opt.class_curvatures.numpy() + 10.0), rtol=1e-6
     )
 
 
@@ -555,7 +561,9 @@ def test_save_load_resume_equals_uninterrupted(tmp_path, digits):
     resumed.fit(x, y, batch_size=40, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(resumed.get_weights(), straight.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(resumed.optimizer.curvature, straight.optimizer.curvature, rtol=1e-5)
+    np.testing.assert_allclose(
+        resumed.optimizer.class_curvatures, straight.optimizer.class_curvatures, rtol=1e-5
+    )
 
 
 def test_eager_apply_gradients_raises_and_curvature_step_works():
@@ -637,7 +645,7 @@ def test_num_classes_mismatch_is_rejected():
 
 def test_diagnostics_before_training_raise():
     with pytest.raises(ValueError, match="train at least one step"):
-        _ = ClassSubspaceNewton().curvature
+        _ = ClassSubspaceNewton().class_curvatures
 
 
 def test_gauss_newton_curvature_on_an_mlp_matches_the_dense_ggn():
@@ -661,7 +669,8 @@ def test_gauss_newton_curvature_on_an_mlp_matches_the_dense_ggn():
     for variable, value in zip(model.trainable_variables, start):
         variable.assign(value)
     G = np.asarray(GGNOperator(model, loss, x, y).to_dense())
-    np.testing.assert_allclose(opt.curvature.numpy(), np.einsum("kd,de,ke->k", V, G, V), rtol=1e-6)
+    quotients = np.einsum("kd,de,ke->k", V, G, V)
+    np.testing.assert_allclose(opt.class_curvatures.numpy(), quotients, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -701,14 +710,14 @@ def _mlp_run(monkeypatch, partition: bool, sample_weight=None):
         ]
     )
     if not partition:
-        monkeypatch.setattr(ClassSubspaceNewton, "_can_partition", staticmethod(lambda b: False))
+        monkeypatch.setattr(class_statistics, "can_partition", lambda b: False)
     optimizer = ClassSubspaceNewton(learning_rate=0.05, damping=0.5)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),
     )
     model.fit(x, y, sample_weight=sample_weight, batch_size=14, epochs=2, shuffle=False, verbose=0)
-    return [w.copy() for w in model.get_weights()], optimizer.curvature.numpy()
+    return [w.copy() for w in model.get_weights()], optimizer.class_curvatures.numpy()
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -723,10 +732,10 @@ def test_partitioned_class_gradients_equal_the_jacobian(monkeypatch, weighted):
 
 
 def test_partition_is_used_only_where_it_is_exact():
-    from keras_curv.optimizers.integration import TrainBatch
+    from keras_curv.optimizers.batch import TrainBatch
 
     def batch_for(model):
-        return TrainBatch(model, None, None, None, tf.constant(0.0), None, [], x=np.zeros((1, 4)))
+        return TrainBatch(model, np.zeros((1, 4)), None, None, None, tf.constant(0.0), [])
 
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with_bn = keras.Sequential(
@@ -735,13 +744,13 @@ def test_partition_is_used_only_where_it_is_exact():
     with_dropout = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dropout(0.1), keras.layers.Dense(3)]
     )
-    assert ClassSubspaceNewton._can_partition(batch_for(dense))
-    assert not ClassSubspaceNewton._can_partition(batch_for(with_bn))
-    assert not ClassSubspaceNewton._can_partition(batch_for(with_dropout))
+    assert class_statistics.can_partition(batch_for(dense))
+    assert not class_statistics.can_partition(batch_for(with_bn))
+    assert not class_statistics.can_partition(batch_for(with_dropout))
 
 
 def test_pseudo_inverse_never_fails_on_non_finite_or_asymmetric_input():
-    from keras_curv.optimizers.class_subspace_newton import _sym_pinv
+    from keras_curv.optimizers.class_subspace_math import sym_pinv as _sym_pinv
 
     spd = np.array([[2.0, 0.5], [0.5, 1.0]])
     np.testing.assert_allclose(_sym_pinv(tf.constant(spd)).numpy(), np.linalg.inv(spd), rtol=1e-12)
@@ -770,7 +779,7 @@ def test_sub_batches_with_absent_classes_on_a_cnn(monkeypatch):
         )
         with monkeypatch.context() as patch:
             if not partition:
-                patch.setattr(ClassSubspaceNewton, "_can_partition", staticmethod(lambda b: False))
+                patch.setattr(class_statistics, "can_partition", lambda b: False)
             model.compile(
                 optimizer=ClassSubspaceNewton(learning_rate=0.05, damping=1.0),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"),

@@ -1,4 +1,4 @@
-"""Replica reduction and non-finite step skipping shared by the curvature optimizers.
+"""Replica reductions and non-finite step skipping, shared by the curvature optimizers.
 
 Two concerns that Keras's own optimizers get from ``keras.optimizers.Optimizer`` but
 that the per-batch curvature statistics need by hand:
@@ -27,7 +27,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from keras_curv.optimizers import integration
+from keras_curv._internal.keras_privates import strategy_needs_merge_call
+from keras_curv.optimizers.batch import TrainBatch
 
 
 def _replica_context() -> tf.distribute.ReplicaContext | None:
@@ -38,18 +39,18 @@ def _replica_context() -> tf.distribute.ReplicaContext | None:
     return context
 
 
-def replica_sum(batch: integration.TrainBatch, statistics: Callable[..., Generator]) -> Any:
+def replica_sum(batch: TrainBatch, statistics: Callable[..., Generator]) -> Any:
     """Runs the generator ``statistics(batch)``, answering each ``yield`` with a replica sum.
 
     ``statistics`` yields (nested) per-replica tensors and receives their sums over
     the replicas in sync; its return value is returned. Normally the sums are
     :func:`all_reduce_sum`. Where every replica's batch is at hand
-    (``batch.replicas``, multi-replica ``mixed_float16``: see
-    :func:`integration.current_batch`) no collective can run, since the caller is in
-    a cross-replica ``tf.cond``; all replicas' tensors live in the same step graph,
-    so ``statistics`` is run once per replica, in lockstep, and the sums are plain
-    additions. Every replica's run then returns equal values (everything after a
-    reduction derives from the sums); the first is returned.
+    (``batch.replicas``, multi-replica ``mixed_float16``: see ``current_batch``) no
+    collective can run, since the caller is in a cross-replica ``tf.cond``; all
+    replicas' tensors live in the same step graph, so ``statistics`` is run once per
+    replica, in lockstep, and the sums are plain additions. Every replica's run then
+    returns equal values (everything after a reduction derives from the sums); the
+    first is returned.
     """
     if batch.replicas is None:
         generator = statistics(batch)
@@ -82,7 +83,7 @@ def replica_sum(batch: integration.TrainBatch, statistics: Callable[..., Generat
 _shared: dict = {}
 
 
-def once_per_step(optimizer, batch: integration.TrainBatch, build: Callable[[], Any]) -> Any:
+def once_per_step(optimizer, batch: TrainBatch, build: Callable[[], Any]) -> Any:
     """``build()``, built once per traced step and optimizer even when called per replica.
 
     With ``batch.replicas``, ``apply`` runs once per replica, but the statistics
@@ -142,7 +143,7 @@ def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
 
 
 def all_finite_on_every_replica(
-    tensors: Sequence[Any], batch: integration.TrainBatch | None = None
+    tensors: Sequence[Any], batch: TrainBatch | None = None
 ) -> tf.Tensor:
     """:func:`all_finite` of per-replica ``tensors``, agreed over all replicas.
 
@@ -185,7 +186,7 @@ def apply_or_skip(
         apply_fn(*args)
 
     context = _replica_context()
-    if context is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
+    if context is None or not strategy_needs_merge_call():
         tf.cond(predicate, run, skip)
         return
 

@@ -1,0 +1,206 @@
+"""The math of ``ClassSubspaceNewton`` as pure functions of tensors (class-subspace paper).
+
+State per class k: the EMA sum m_k of the batch class gradients, the EMA s_k of the
+squared batch curvatures and the number t_k of updates the class received. Eq. 16–17
+with per-class bias correction:
+
+```
+c_k = m_k / (1 − γ^t_k)        λ_k = sqrt(s_k / (1 − γ^t_k))        v_k = c_k / |c_k|
+```
+
+and the step (eq. 15, or one of its options) ``d = η g + Σ_k a_k v_k``.
+
+Tensors that live per trainable variable are lists with one ``(C, *shape)`` tensor per
+variable; norms and dot products run over all variables together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+# Relative eigenvalue cut-off of the C x C pseudo-inverses (Gram and curvature matrices).
+PINV_RTOL = 1e-10
+
+
+def expand(vector: tf.Tensor, rank: int) -> tf.Tensor:
+    """``(C,)`` -> ``(C, 1, ..., 1)`` with ``rank`` trailing ones, to broadcast over a variable."""
+    return tf.reshape(vector, [-1] + [1] * rank)
+
+
+def per_class_sq_norm(tensors: Sequence[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    """``Σ_variables |t[k]|²`` for ``(C, *shape)`` tensors -> ``(C,)``."""
+    return tf.add_n(
+        [
+            tf.reduce_sum(tf.reshape(tf.cast(t, dtype) ** 2, [tf.shape(t)[0], -1]), 1)
+            for t in tensors
+        ]
+    )
+
+
+def per_class_dot(
+    left: Sequence[tf.Tensor], right: Sequence[tf.Tensor], dtype: tf.DType
+) -> tf.Tensor:
+    """``Σ_variables <left[k], right>`` for ``(C, *shape)`` and ``shape`` tensors -> ``(C,)``."""
+    return tf.add_n(
+        [
+            tf.linalg.matvec(
+                tf.reshape(tf.cast(a, dtype), [tf.shape(a)[0], -1]),
+                tf.reshape(tf.cast(b, dtype), [-1]),
+            )
+            for a, b in zip(left, right)
+        ]
+    )
+
+
+def sym_pinv(matrix: tf.Tensor, rtol: float = PINV_RTOL) -> tf.Tensor:
+    """Pseudo-inverse of a small symmetric PSD matrix, by eigendecomposition (XLA-friendly).
+
+    Non-finite entries are treated as zeros (``eigh`` would raise on them and stop
+    training; a step whose statistics overflowed is skipped elsewhere anyway), and the
+    matrix is symmetrised first.
+    """
+    matrix = tf.where(tf.math.is_finite(matrix), matrix, tf.zeros_like(matrix))
+    matrix = 0.5 * (matrix + tf.transpose(matrix))
+    values, vectors = tf.linalg.eigh(matrix)
+    cutoff = tf.reduce_max(tf.abs(values)) * tf.constant(rtol, matrix.dtype)
+    keep = tf.abs(values) > cutoff
+    inverse = tf.where(keep, 1.0 / tf.where(keep, values, tf.ones_like(values)), 0.0)
+    return tf.matmul(vectors * inverse[None, :], vectors, transpose_b=True)
+
+
+def absorb(
+    sums: Sequence[tf.Tensor],
+    curvature_sq: tf.Tensor,
+    steps: tf.Tensor,
+    class_gradients: Sequence[tf.Tensor],
+    curvature: tf.Tensor,
+    present: tf.Tensor,
+    gamma: float,
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+    """The EMA state after one batch, for the classes ``present`` in it only.
+
+    ```
+    m_k ← γ m_k + (1 − γ) c^B_k        s_k ← γ s_k + (1 − γ) (λ^B_k)²        t_k ← t_k + 1
+    ```
+
+    Args:
+        sums: m_k per variable, ``(C, *shape)``.
+        curvature_sq: s_k, ``(C,)``.
+        steps: t_k, ``(C,)``.
+        class_gradients: c^B_k per variable.
+        curvature: λ^B_k, ``(C,)``.
+        present: Boolean ``(C,)``.
+        gamma: γ.
+
+    Returns:
+        ``(sums, curvature_sq, steps)`` after the batch.
+    """
+    dtype = curvature_sq.dtype
+    decay = tf.constant(gamma, dtype)
+    new_sums = [
+        tf.where(
+            expand(present, len(m.shape) - 1),
+            tf.cast(decay, m.dtype) * m + tf.cast(1 - decay, m.dtype) * tf.cast(cb, m.dtype),
+            m,
+        )
+        for m, cb in zip(sums, class_gradients)
+    ]
+    new_sq = tf.where(present, decay * curvature_sq + (1 - decay) * curvature**2, curvature_sq)
+    return new_sums, new_sq, steps + tf.cast(present, steps.dtype)
+
+
+def derived(
+    sums: Sequence[tf.Tensor], curvature_sq: tf.Tensor, steps: tf.Tensor, gamma: float
+) -> tuple[list[tf.Tensor], tf.Tensor, list[tf.Tensor], tf.Tensor]:
+    """Bias-corrected c_k, λ_k, unit directions v_k, and which v_k are non-zero.
+
+    A class never seen (t_k = 0) has c_k = v_k = 0 and λ_k = 1.
+
+    Returns:
+        ``(means, curvature, directions, alive)``: per-variable means and directions,
+        ``(C,)`` curvature and boolean ``(C,)``.
+    """
+    dtype = curvature_sq.dtype
+    seen = steps > 0
+    correction = tf.where(seen, 1 - tf.constant(gamma, dtype) ** steps, tf.ones_like(steps))
+    means = [m / tf.cast(expand(correction, len(m.shape) - 1), m.dtype) for m in sums]
+    curvature = tf.where(seen, tf.sqrt(curvature_sq / correction), tf.ones_like(steps))
+    norms = tf.sqrt(per_class_sq_norm(means, dtype))
+    inverse_norm = tf.where(norms > 0, 1.0 / tf.where(norms > 0, norms, 1.0), 0.0)
+    directions = [c * tf.cast(expand(inverse_norm, len(c.shape) - 1), c.dtype) for c in means]
+    return means, curvature, directions, norms > 0
+
+
+def eq17_curvature(spread: tf.Tensor, class_gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Eq. 17: ``λ^B_k = (1/|B|) Σ_μ w_μ y^μ_k p^μ_k (1 − p^μ_k) · |c^B_k|²``.
+
+    Args:
+        spread: ``(1/|B|) Σ_μ w_μ y^μ_k p^μ_k (1 − p^μ_k)``, ``(C,)``.
+        class_gradients: c^B_k per variable.
+    """
+    return spread * per_class_sq_norm(class_gradients, spread.dtype)
+
+
+def effective_curvature(
+    curvature: tf.Tensor, damping: tf.Tensor, max_inverse_curvature: float | None
+) -> tf.Tensor:
+    """``λ_k + δ``, floored at ``1 / max_inverse_curvature`` when given."""
+    curvature = curvature + tf.cast(damping, curvature.dtype)
+    if max_inverse_curvature is not None:
+        floor = tf.constant(1.0 / max_inverse_curvature, curvature.dtype)
+        curvature = tf.maximum(curvature, floor)
+    return curvature
+
+
+def diagonal_coefficients(
+    curvature: tf.Tensor, projections: tf.Tensor, learning_rate: tf.Tensor
+) -> tf.Tensor:
+    """Eq. 15: ``a_k = (1/λ_k − η) v_kᵀ g`` (``curvature`` already damped)."""
+    return (1.0 / curvature - learning_rate) * projections
+
+
+def flat_directions(directions: Sequence[tf.Tensor], num_classes: int) -> tf.Tensor:
+    """The directions as a ``(C, dim)`` matrix (row k is v_k)."""
+    dtype = directions[0].dtype
+    return tf.concat([tf.reshape(tf.cast(d, dtype), [num_classes, -1]) for d in directions], 1)
+
+
+def exact_coefficients(
+    gram: tf.Tensor, curvature: tf.Tensor, projections: tf.Tensor, learning_rate: tf.Tensor
+) -> tf.Tensor:
+    """``inverse="exact"``: ``a = ((S Λ S)⁺ − η S⁺) Vᵀ g`` with ``S = VᵀV``.
+
+    The Newton part ``(V Λ Vᵀ)⁺ g`` and the exact projection ``I − V S⁺ Vᵀ`` of the SGD
+    part, reduced to C x C matrices.
+    """
+    newton = sym_pinv(tf.matmul(gram * curvature[None, :], gram))
+    return tf.linalg.matvec(newton - learning_rate * sym_pinv(gram), projections)
+
+
+def projected_newton_coefficients(
+    gram: tf.Tensor,
+    block: tf.Tensor,
+    damping: tf.Tensor,
+    projections: tf.Tensor,
+    learning_rate: tf.Tensor,
+) -> tf.Tensor:
+    """``"projected_newton"``: ``a = ((K + δI)⁺ − η S⁺) Vᵀ g`` with ``K = Vᵀ G V``."""
+    eye = tf.eye(tf.shape(block)[0], dtype=block.dtype)
+    newton = sym_pinv(block + tf.cast(damping, block.dtype) * eye)
+    return tf.linalg.matvec(newton - learning_rate * sym_pinv(gram), projections)
+
+
+def subspace_step(
+    gradient: tf.Tensor,
+    coefficients: tf.Tensor,
+    direction: tf.Tensor,
+    learning_rate: tf.Tensor,
+) -> tf.Tensor:
+    """One variable's step ``d = η g + Σ_k a_k v_k`` (``direction`` is ``(C, *shape)``)."""
+    dtype = direction.dtype
+    gradient = tf.cast(tf.convert_to_tensor(gradient), dtype)
+    return tf.cast(learning_rate, dtype) * gradient + tf.tensordot(
+        tf.cast(coefficients, dtype), direction, 1
+    )

@@ -1,0 +1,135 @@
+"""ClassSubspaceNewton's math as pure functions, against NumPy (fast: no fit)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_curv
+from keras_curv.optimizers import ClassSubspaceNewton
+from keras_curv.optimizers import class_subspace_math as csm
+from tests.optimizers.test_class_subspace_newton import C, _data, _linear_model, _theta, numpy_csn
+
+
+def _state(rng, num=3, shapes=((4, 3), (3,))):
+    sums = [tf.constant(rng.normal(size=(num, *s))) for s in shapes]
+    return sums, tf.constant(rng.uniform(0.1, 2.0, num)), tf.constant([2.0, 0.0, 5.0], tf.float64)
+
+
+def test_absorb_and_derived_follow_eq_16_17():
+    rng = np.random.default_rng(0)
+    sums, sq, steps = _state(rng)
+    batch = [tf.constant(rng.normal(size=s.shape)) for s in sums]
+    curvature = tf.constant([0.5, 1.5, 2.5], tf.float64)
+    present = tf.constant([True, True, False])
+    new_sums, new_sq, new_steps = csm.absorb(sums, sq, steps, batch, curvature, present, 0.9)
+    for m, b, out in zip(sums, batch, new_sums):
+        expected = m.numpy().copy()
+        expected[:2] = 0.9 * expected[:2] + 0.1 * b.numpy()[:2]
+        np.testing.assert_allclose(out, expected, rtol=1e-13)
+    np.testing.assert_allclose(new_sq[:2], 0.9 * sq[:2] + 0.1 * curvature[:2] ** 2, rtol=1e-13)
+    assert new_sq[2] == sq[2] and list(new_steps.numpy()) == [3.0, 1.0, 5.0]
+
+    means, lam, directions, alive = csm.derived(new_sums, new_sq, new_steps, 0.9)
+    correction = 1 - 0.9 ** new_steps.numpy()
+    flat_means = np.concatenate([m.numpy().reshape(3, -1) for m in new_sums], 1)
+    flat_means /= correction[:, None]
+    np.testing.assert_allclose(np.concatenate([m.numpy().reshape(3, -1) for m in means], 1),
+                               flat_means, rtol=1e-14)
+    np.testing.assert_allclose(lam, np.sqrt(new_sq.numpy() / correction), rtol=1e-14)
+    rows = csm.flat_directions(directions, 3).numpy()
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-14)
+    assert alive.numpy().all()
+
+
+def test_an_unseen_class_has_unit_curvature_and_no_direction():
+    sums = [tf.zeros((2, 3), tf.float64)]
+    _, lam, directions, alive = csm.derived(
+        sums, tf.zeros(2, tf.float64), tf.constant([0.0, 0.0], tf.float64), 0.9
+    )
+    np.testing.assert_array_equal(lam, [1.0, 1.0])
+    np.testing.assert_array_equal(directions[0], np.zeros((2, 3)))
+    assert not alive.numpy().any()
+
+
+def test_coefficients_against_dense_linear_algebra():
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(3, 7))
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    g = rng.normal(size=7)
+    lam = np.array([0.5, 2.0, 4.0])
+    lr = 0.1
+    projections = tf.constant(V @ g)
+    diagonal = csm.diagonal_coefficients(tf.constant(lam), projections, tf.constant(lr, tf.float64))
+    np.testing.assert_allclose(diagonal, (1 / lam - lr) * (V @ g), rtol=1e-15)
+    # inverse="exact": the step lr g + V a equals lr P g + (V diag(lam) V^T)^+ g.
+    gram = tf.constant(V @ V.T)
+    exact = csm.exact_coefficients(gram, tf.constant(lam), projections, tf.constant(lr, tf.float64))
+    projector = np.eye(7) - V.T @ np.linalg.pinv(V @ V.T) @ V
+    expected = lr * projector @ g + np.linalg.pinv(V.T @ np.diag(lam) @ V) @ g
+    np.testing.assert_allclose(lr * g + V.T @ exact.numpy(), expected, rtol=1e-9, atol=1e-12)
+    # projected_newton: Newton on the C x C block K, damped.
+    K = rng.normal(size=(3, 3))
+    K = K @ K.T
+    projected = csm.projected_newton_coefficients(
+        gram, tf.constant(K), tf.constant(0.3, tf.float64), projections, tf.constant(lr, tf.float64)
+    )
+    newton = V.T @ np.linalg.inv(K + 0.3 * np.eye(3)) @ V @ g
+    np.testing.assert_allclose(
+        lr * g + V.T @ projected.numpy(), lr * projector @ g + newton, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_subspace_step_and_effective_curvature():
+    direction = tf.constant([[[1.0, 0.0]], [[0.0, 2.0]]], tf.float64)  # (C=2, 1, 2)
+    step = csm.subspace_step(tf.constant([[1.0, 1.0]]), tf.constant([3.0, -1.0]), direction, 0.5)
+    np.testing.assert_allclose(step, [[3.5, -1.5]])
+    capped = csm.effective_curvature(tf.constant([1e-9, 2.0]), tf.constant(0.0), 10.0)
+    np.testing.assert_allclose(capped, [0.1, 2.0], rtol=1e-7)
+
+
+def test_pseudo_inverse_is_robust():
+    spd = np.array([[2.0, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(csm.sym_pinv(tf.constant(spd)), np.linalg.inv(spd), rtol=1e-12)
+    broken = np.array([[np.nan, 1.0], [1.0, np.inf]])
+    assert np.all(np.isfinite(csm.sym_pinv(tf.constant(broken)).numpy()))
+
+
+@pytest.mark.parametrize("curvature", ["paper", "gauss_newton"])
+def test_one_curvature_step_and_config_round_trip(curvature):
+    """Like Keras's adam_test: one step on a linear model against the NumPy reference."""
+    x, y = _data(n=6)
+    model = _linear_model()
+    theta0 = _theta(model)
+    optimizer = ClassSubspaceNewton(0.1, curvature=curvature)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    keras_curv.curvature_step(model, optimizer, loss, x, y)
+    lr32 = float(np.float32(0.1))
+    reference = {"curvature": curvature} if curvature != "paper" else {}
+    expected, _ = numpy_csn(theta0, [(x, y, None)], lr=lr32, log_prob=False, **reference)
+    np.testing.assert_allclose(_theta(model), expected, rtol=1e-9, atol=1e-12)
+    assert optimizer.class_curvatures.shape == (C,)
+    config = optimizer.get_config()
+    assert config["curvature"] == curvature and config["num_classes"] == C
+    assert ClassSubspaceNewton.from_config(config).get_config() == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"gamma": 0.0}, "gamma"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"curvature": "newton"}, "curvature"),
+        ({"inverse": "full"}, "inverse"),
+        ({"damping": -1.0}, "damping"),
+        ({"max_inverse_curvature": 0.0}, "max_inverse_curvature"),
+        ({"update_each": 2.0}, "update_each"),
+        ({"num_classes": True}, "num_classes"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ClassSubspaceNewton(**kwargs)

@@ -1,0 +1,170 @@
+"""Pins every Keras / TensorFlow private (or convention) keras-curv relies on.
+
+All of them are wrapped in ``keras_curv._internal.keras_privates``; when a Keras or
+TensorFlow upgrade moves one, the test named after it fails here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_curv._internal import keras_privates as kp
+
+
+def test_under_xla():
+    assert not kp.under_xla()
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        seen.append(kp.under_xla())
+        return x + 1
+
+    @tf.function
+    def plain(x):
+        seen.append(kp.under_xla())
+        return x + 1
+
+    compiled(tf.constant(1.0))
+    plain(tf.constant(1.0))
+    assert seen == [True, False]
+
+
+def test_strategy_needs_merge_call():
+    assert not kp.strategy_needs_merge_call()
+    assert callable(tf.__internal__.distribute.strategy_supports_no_merge_call)
+
+
+def test_flatten_layers_reaches_nested_layers():
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")])
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="outer")(inner(inputs)))
+    names = [layer.name for layer in kp.flatten_layers(model)]
+    assert "inner_dense" in names and "outer" in names and model.name not in names
+
+
+def test_call_takes_training():
+    class WithTraining(keras.Model):
+        def call(self, x, training=None):
+            return x
+
+    class Without(keras.Model):
+        def call(self, x):
+            return x
+
+    assert kp.call_takes_training(WithTraining())
+    assert not kp.call_takes_training(Without())
+
+
+def test_has_random_state():
+    assert kp.has_random_state(keras.layers.Dropout(0.5))
+    assert kp.has_random_state(keras.layers.GaussianNoise(0.1))
+    assert not kp.has_random_state(keras.layers.Dense(2))
+
+
+def test_softmax_logits_are_kept_on_softmax_outputs():
+    logits = tf.constant([[1.0, 2.0, 0.5]])
+    seen = []
+
+    @tf.function
+    def forward(z):
+        out = keras.activations.softmax(z)
+        seen.append(kp.softmax_logits(out) is not None)
+        return out
+
+    forward(logits)
+    assert seen == [True]
+
+
+def test_run_before_adds_a_control_input():
+    @tf.function
+    def graph(x):
+        y = x * 2.0
+        guard = tf.no_op()
+        assert kp.run_before(y.op, guard)
+        assert guard in y.op.control_inputs
+        return y
+
+    graph(tf.constant(1.0))
+
+
+def test_optimizer_privates():
+    variables = [keras.Variable(np.ones(3)), keras.Variable(np.ones(2))]
+    optimizer = keras.optimizers.SGD(clipnorm=1.0)
+    optimizer.build(variables)
+    assert kp.variable_index(optimizer, variables[1]) == 1
+    extra = keras.Variable(np.zeros(1), trainable=False)
+    kp.track_optimizer_variable(optimizer, extra)
+    assert any(v is extra for v in optimizer.variables)
+    clipped = kp.clipped_gradients(optimizer, [tf.constant([3.0, 4.0, 0.0]), tf.ones(2)])
+    np.testing.assert_allclose(np.linalg.norm(clipped[0]), 1.0, rtol=1e-6)
+
+
+def test_calling_models_finds_the_model_among_callers():
+    class Model(keras.Model):
+        def probe(self):
+            return list(kp.calling_models(start_depth=1))
+
+    model = Model()
+    assert any(found is model for found in model.probe())
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (keras.layers.Dense(3, activation="relu"), (2, 4)),
+        (keras.layers.Conv2D(2, 2, activation="relu"), (1, 4, 4, 1)),
+        (keras.layers.DepthwiseConv2D(2, activation="relu"), (1, 4, 4, 2)),
+        (keras.layers.Conv1D(2, 2, activation="relu"), (1, 4, 2)),
+    ],
+)
+def test_layers_apply_their_activation_last(layer, shape):
+    """Layer taps run ``call`` with ``activation=None`` to see the pre-activation output."""
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    out = layer(x).numpy()
+    activation = layer.activation
+    object.__setattr__(layer, "activation", None)
+    try:
+        pre = layer(x).numpy()
+    finally:
+        object.__setattr__(layer, "activation", activation)
+    np.testing.assert_allclose(out, np.maximum(pre, 0.0), rtol=1e-6)
+    assert np.any(pre < 0)
+
+
+def test_train_steps_call_compute_loss():
+    """The recorder wraps ``model.compute_loss``, which every Keras train step calls."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    from keras.src.trainers.trainer import Trainer
+
+    assert "self._compute_loss(" in inspect.getsource(TensorFlowTrainer.train_step)
+    assert "self.compute_loss(" in inspect.getsource(Trainer._compute_loss)
+    assert hasattr(Trainer, "stateless_compute_loss")
+
+
+def test_tf_function_retraces_a_first_call_that_creates_variables():
+    """Why a first trace without a record never runs (keras_curv/optimizers/contract.py)."""
+    traces, runs = [], []
+    created = []
+
+    @tf.function
+    def step():
+        traces.append(1)
+        if not created:
+            created.append(tf.Variable(0.0))
+        tf.py_function(lambda: runs.append(len(traces)), [], [])
+        return tf.constant(0.0)
+
+    step()
+    assert len(traces) == 2 and runs == [2]
+
+
+def test_loss_scale_optimizer_calls_the_inner_optimizer_in_a_merge_call():
+    """With merge_call, TrainBatch.replicas sums the statistics in the step graph."""
+    source = inspect.getsource(keras.optimizers.LossScaleOptimizer._tf_apply)
+    assert "merge_call" in source and "call_for_each_replica" in source
