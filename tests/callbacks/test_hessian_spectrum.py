@@ -154,6 +154,13 @@ def test_every_n_epochs_schedule():
         ({"trace_samples": 2}, "trace_samples"),
         ({"tol": -1.0}, "tol"),
         ({"batch_size": 0}, "batch_size"),
+        # The shared rule: ints refuse bools and floats, numbers refuse bools and non-finite.
+        ({"top_k": 2.0}, "`top_k` must be an int >= 1 or None; received top_k=2.0"),
+        ({"seed": True}, "`seed` must be an int"),
+        ({"every_n_batches": True}, "every_n_batches"),
+        ({"density_probes": 1.0}, "density_probes"),
+        ({"tol": True}, "`tol` must be a number > 0"),
+        ({"max_overhead": float("nan")}, "`max_overhead` must be a number > 0 or None"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
