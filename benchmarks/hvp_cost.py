@@ -35,7 +35,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_curv.curvature import HessianOperator, _flat  # noqa: E402
+from keras_curv._internal import flat as _flat  # noqa: E402
+from keras_curv.curvature import HessianOperator  # noqa: E402
 
 TARGET_RATIO = 2.5
 RESULTS = Path(__file__).resolve().parent / "results" / "hvp_cost.json"
