@@ -317,8 +317,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_curv.callbacks import HessianSpectrum, SubspaceAlignment
-    from keras_curv.callbacks._base import CurvatureWriter, render_density
+    from keras_curv.callbacks.summaries import CurvatureWriter
     from keras_curv.curvature import spectral_density
+    from keras_curv.plotting import render_density
     from keras_curv.report import demo_report
 
     data = _load(args)

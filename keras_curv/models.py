@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_curv._internal.validation import integer
+
 
 def small_cnn(
     input_shape: tuple[int, ...], num_classes: int, *, filters: int = 8, dtype: str | None = None
@@ -83,8 +85,7 @@ def resnet9(
             f"resnet9 expects (h, w, c) images with h, w >= 8 (it pools three times); "
             f"got {input_shape}."
         )
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(f"`width` must be a positive integer; got {width!r}.")
+    width = integer(width, "width", minimum=1)
 
     def conv_bn(tensor, filters):
         tensor = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype)(

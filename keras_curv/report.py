@@ -7,9 +7,9 @@
   and validation loss and accuracy curves overlaid (as in Fig. 1 and 2 of the
   class-subspace paper).
 
-The single-plot helpers are the callbacks' own (:func:`~keras_curv.callbacks._base.draw_stem`,
-:func:`~keras_curv.callbacks._base.draw_density`), so TensorBoard and the report draw the
-same pictures.
+The single-plot helpers are the callbacks' own (:func:`~keras_curv.plotting.draw_stem`,
+:func:`~keras_curv.plotting.draw_density`), so TensorBoard and the report draw the same
+pictures.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_curv.callbacks._base import agg_figure, draw_density, draw_stem
+from keras_curv.plotting import agg_figure, draw_density, draw_stem
 
 
 def _epochs(values: Sequence[float]) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_curv._internal.validation import integer
+
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -121,9 +123,7 @@ def probe_data(
         raise ValueError(
             f"`x` has {n} rows but `sample_weight` has {int(np.shape(sample_weight)[0])}."
         )
-    size = int(batch_size or DEFAULT_BATCH_SIZE)
-    if size <= 0:
-        raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+    size = integer(batch_size, "batch_size", minimum=1, allow_none=True) or DEFAULT_BATCH_SIZE
     batches = []
     for start in range(0, n, size):
         stop = min(start + size, n)

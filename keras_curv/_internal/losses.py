@@ -1,4 +1,4 @@
-"""One way to turn what users pass as a loss into a ``keras.losses.Loss``."""
+"""Turning what users pass as a loss (or compile a model with) into a Keras loss."""
 
 from __future__ import annotations
 
@@ -46,6 +46,46 @@ def as_keras_loss(loss: Any) -> keras.losses.Loss | None:
     if callable(loss) and getattr(loss, "__module__", "").startswith("keras"):
         return PerSampleLoss(loss)
     return None
+
+
+def model_loss(model: keras.Model, loss: Any, owner: str) -> Any:
+    """The loss to differentiate: ``loss`` if given, else the model's compiled loss.
+
+    A loss *function* given to ``compile`` returns per-sample values that Keras averages,
+    so it is wrapped accordingly.
+
+    Args:
+        model: The (compiled) model.
+        loss: The loss the user passed, or ``None`` for the compiled one.
+        owner: Who asks, for the messages (e.g. ``"HessianSpectrum"``).
+
+    Raises:
+        ValueError: no ``loss`` and the compiled loss is missing or not a single loss.
+    """
+    if loss is not None:
+        return loss
+    compiled = getattr(model, "loss", None)
+    if compiled is None:
+        raise ValueError(
+            f"{owner} needs a loss: the model is not compiled with one. Compile the model "
+            "or pass `loss=` (a Keras loss name, a keras.losses.Loss or a callable)."
+        )
+    if isinstance(compiled, (list, tuple, dict)):
+        raise ValueError(
+            f"{owner} cannot use the model's compiled loss {compiled!r} (one per output); "
+            "curvature diagnostics need a single-output model and a single loss: pass `loss=`."
+        )
+    if isinstance(compiled, str) or isinstance(compiled, keras.losses.Loss):
+        return compiled
+    if as_keras_loss(compiled) is not None:
+        return compiled
+    if callable(compiled):
+        # In the variables' dtype: a local function cannot be re-created from its config
+        # with another dtype, and a float32 loss would blur a float64 model's Hessian.
+        variables = model.trainable_variables
+        dtype = variables[0].dtype if variables else None
+        return PerSampleLoss(compiled, dtype=dtype)
+    raise ValueError(f"{owner} cannot use the compiled loss {compiled!r}; pass `loss=`.")
 
 
 _FAMILIES = {

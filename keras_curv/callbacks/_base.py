@@ -1,27 +1,23 @@
-"""What the diagnostic callbacks share: probe data, schedule, loss, TensorBoard writing, plots.
+"""``CurvatureCallback``: the Keras callback plumbing the diagnostic callbacks share.
 
-Each concern has exactly one implementation here:
+It puts together what lives elsewhere, one concern per module:
 
-* :class:`ProbeSchedule`: when a measurement is due (every ``n`` epochs and/or every ``n``
-  training batches) and which TensorBoard step it is written at;
-* :class:`CurvatureWriter`: ``tf.summary`` scalars, histograms and images under
-  ``<log_dir>/curvature``;
-* :func:`render_stem`, :func:`render_density`, :func:`render_heatmap`: matplotlib (Agg)
-  figures rendered to image tensors (:func:`draw_stem` and :func:`draw_density` draw the
-  same plots on given axes, for ``keras_curv.report``);
-* :func:`model_loss`: the loss a callback differentiates when none is given;
-* :func:`optimizer_summary`: the optimizer's ``curvature_summary()`` protocol;
-* :class:`CurvatureCallback`: the Keras callback plumbing built on the above.
+* :mod:`~keras_curv.callbacks._schedule`: when to measure (a fixed schedule or the
+  overhead budget) and at which TensorBoard step;
+* :mod:`~keras_curv.callbacks._shared`: the Hessian operator and eigenpairs shared by
+  callbacks on the same probe data;
+* :mod:`~keras_curv.callbacks.summaries`: the ``tf.summary`` writer;
+* :mod:`~keras_curv.callbacks._protocol`: what the callbacks read from the optimizer;
+* :mod:`keras_curv.plotting`: the figures;
+* :mod:`~keras_curv._internal.losses`: the loss to differentiate when none is given.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -29,8 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal.data import ProbeData, probe_data
-from keras_curv._internal.losses import PerSampleLoss, as_keras_loss
+from keras_curv._internal.losses import model_loss
 from keras_curv._internal.model import stateless_outputs
+from keras_curv._internal.validation import choice, integer, positive
+from keras_curv.callbacks._schedule import ProbeSchedule
 from keras_curv.callbacks._shared import (
     SharedProbe,
     model_entry,
@@ -38,291 +36,26 @@ from keras_curv.callbacks._shared import (
     shared_probe,
     weights_state,
 )
+from keras_curv.callbacks.summaries import CurvatureWriter
 from keras_curv.curvature.eigensolvers import METHODS
 from keras_curv.curvature.operators import HessianOperator, resolve_loss
 
-SUBDIR = "curvature"
 
-
-def _positive_int_or_none(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int or None; got {value!r}.")
-    return int(value)
-
-
-class ProbeSchedule:
-    """When a diagnostic runs, and the TensorBoard step it is recorded at.
-
-    A measurement is due at the end of every ``every_n_epochs``-th epoch and/or after every
-    ``every_n_batches``-th training batch, counted globally across epochs (with
-    ``steps_per_execution > 1`` Keras reports batches in chunks; a measurement is due when
-    the count crosses a multiple of ``every_n_batches``).
-
-    With neither set (``budgeted``), :meth:`epoch_due` is never true: the callback's
-    overhead budget decides instead (see :class:`CurvatureCallback`).
-
-    The step of a summary is the epoch index (0-based, like ``keras.callbacks.TensorBoard``)
-    when only ``every_n_epochs`` is set; as soon as ``every_n_batches`` is set, every
-    summary, including the epoch-end ones, is written at the global batch count (batches
-    completed since training began), so that all points share one axis.
-    """
-
-    def __init__(
-        self, every_n_epochs: int | None, every_n_batches: int | None, budgeted: bool = False
-    ):
-        self.every_n_epochs = _positive_int_or_none(every_n_epochs, "every_n_epochs")
-        self.every_n_batches = _positive_int_or_none(every_n_batches, "every_n_batches")
-        if self.every_n_epochs is None and self.every_n_batches is None and not budgeted:
-            raise ValueError(
-                "Nothing is scheduled: set `every_n_epochs` and/or `every_n_batches` "
-                "to a positive int, or `max_overhead` to a fraction of the training time."
-            )
-        self.global_batch = 0
-        self._epoch_offset = 0
-
-    def reset(self) -> None:
-        self.global_batch = 0
-        self._epoch_offset = 0
-
-    def epoch_begin(self, epoch: int | None = None, steps_per_epoch: int | None = None) -> None:
-        """Marks the start of an epoch.
-
-        A fit resumed at ``epoch > 0`` (``BackupAndRestore``, ``initial_epoch``) starts its
-        global batch count at ``epoch * steps_per_epoch``, where an uninterrupted fit
-        would be, so the batch schedule and the summary steps line up with it.
-        """
-        if self.global_batch == 0 and epoch and steps_per_epoch:
-            self.global_batch = int(epoch) * int(steps_per_epoch)
-        self._epoch_offset = self.global_batch
-
-    def batch_end(self, batch: int) -> bool:
-        """Records that batch ``batch`` (0-based, within the epoch) ended; whether one is due."""
-        previous = self.global_batch
-        self.global_batch = self._epoch_offset + int(batch) + 1
-        n = self.every_n_batches
-        return n is not None and self.global_batch // n > previous // n
-
-    def epoch_due(self, epoch: int) -> bool:
-        n = self.every_n_epochs
-        return n is not None and (int(epoch) + 1) % n == 0
-
-    def step(self, epoch: int) -> int:
-        return self.global_batch if self.every_n_batches is not None else int(epoch)
-
-
-class CurvatureWriter:
-    """Writes summaries to ``<log_dir>/curvature``, its own TensorBoard run.
-
-    The subdirectory keeps these summaries apart from ``keras.callbacks.TensorBoard``'s
-    ``train``/``validation`` runs in the same ``log_dir``. Writing is forced on with
-    ``tf.summary.record_if(True)``, because the Keras callback may have installed a
-    recording condition for its own batch-level summaries.
-    """
-
-    def __init__(self, log_dir: str | os.PathLike):
-        # tf.summary is only a stub without the tensorboard package: fail now, not mid-fit.
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ImportError(
-                "Writing TensorBoard summaries (`log_dir=`) needs the tensorboard package: "
-                "pip install 'keras-curv[tensorboard]' (or pip install tensorboard)."
-            )
-        self.path = os.path.join(os.fspath(log_dir), SUBDIR)
-        self._writer = None
-
-    def write(
-        self,
-        step: int,
-        scalars: Mapping[str, float] = (),
-        histograms: Mapping[str, Any] = (),
-        images: Mapping[str, np.ndarray] = (),
-    ) -> None:
-        """Writes one step's summaries and flushes them to disk."""
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.path)
-        with self._writer.as_default(step=int(step)), tf.summary.record_if(True):
-            for tag, value in dict(scalars).items():
-                tf.summary.scalar(tag, float(value))
-            for tag, values in dict(histograms).items():
-                tf.summary.histogram(tag, np.asarray(values, dtype=np.float64).reshape(-1))
-            for tag, image in dict(images).items():
-                tf.summary.image(tag, image[None])
-        self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def agg_figure(width: float, height: float, dpi: int = 100):
-    """A matplotlib ``Figure`` on its own Agg canvas (also used by ``keras_curv.report``)."""
-    # The object-oriented API with an explicit Agg canvas: no pyplot global state, and it
-    # works headless whatever backend the user selected.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _figure(width: float = 5.0, height: float = 3.2):
-    figure = agg_figure(width, height)
-    return figure, figure.add_subplot(1, 1, 1)
-
-
-def _to_image(figure) -> np.ndarray:
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return tf.image.decode_png(buffer.getvalue(), channels=4).numpy()
-
-
-def render_stem(values: Any, title: str, ylabel: str = "eigenvalue") -> np.ndarray:
-    """A stem plot of ``values`` against their 1-based rank, as a ``(h, w, 4)`` uint8 image."""
-    figure, axes = _figure()
-    draw_stem(axes, values, title, ylabel)
-    return _to_image(figure)
-
-
-def draw_stem(axes, values: Any, title: str, ylabel: str = "eigenvalue") -> None:
-    """Draws the stem plot of :func:`render_stem` on matplotlib ``axes``."""
-    values = np.asarray(values, dtype=np.float64)
-    ranks = np.arange(1, len(values) + 1)
-    axes.stem(ranks, values, basefmt="k-")
-    axes.set_xlabel("rank")
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-
-
-def render_density(grid: Any, density: Any, title: str) -> np.ndarray:
-    """The spectral density on a log scale (as it spans orders of magnitude), as an image."""
-    figure, axes = _figure()
-    draw_density(axes, grid, density, title)
-    return _to_image(figure)
-
-
-def draw_density(axes, grid: Any, density: Any, title: str) -> None:
-    """Draws the log-scale density of :func:`render_density` on matplotlib ``axes``."""
-    density = np.maximum(np.asarray(density, dtype=np.float64), 1e-12)
-    axes.semilogy(np.asarray(grid), density)
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-
-
-def render_heatmap(matrix: Any, title: str, xlabel: str, ylabel: str) -> np.ndarray:
-    """A ``[0, 1]`` heatmap of ``matrix`` with a colour bar, as an image."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    figure, axes = _figure(4.6, 4.0)
-    shown = axes.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-    figure.colorbar(shown, ax=axes)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    return _to_image(figure)
-
-
-def model_loss(model: keras.Model, loss: Any, owner: str) -> Any:
-    """The loss to differentiate: ``loss`` if given, else the model's compiled loss.
-
-    A loss *function* given to ``compile`` returns per-sample values that Keras averages,
-    so it is wrapped accordingly.
-
-    Raises:
-        ValueError: no ``loss`` and the compiled loss is missing or not a single loss.
-    """
-    if loss is not None:
-        return loss
-    compiled = getattr(model, "loss", None)
-    if compiled is None:
-        raise ValueError(
-            f"{owner} needs a loss: the model is not compiled with one. Compile the model "
-            "or pass `loss=` (a Keras loss name, a keras.losses.Loss or a callable)."
-        )
-    if isinstance(compiled, (list, tuple, dict)):
-        raise ValueError(
-            f"{owner} cannot use the model's compiled loss {compiled!r} (one per output); "
-            "curvature diagnostics need a single-output model and a single loss: pass `loss=`."
-        )
-    if isinstance(compiled, str) or isinstance(compiled, keras.losses.Loss):
-        return compiled
-    if as_keras_loss(compiled) is not None:
-        return compiled
-    if callable(compiled):
-        # In the variables' dtype: a local function cannot be re-created from its config
-        # with another dtype, and a float32 loss would blur a float64 model's Hessian.
-        variables = model.trainable_variables
-        dtype = variables[0].dtype if variables else None
-        return PerSampleLoss(compiled, dtype=dtype)
-    raise ValueError(f"{owner} cannot use the compiled loss {compiled!r}; pass `loss=`.")
-
-
-def unwrapped_optimizer(model: keras.Model) -> Any:
-    """The model's optimizer, with a ``LossScaleOptimizer`` wrapper removed."""
-    optimizer = getattr(model, "optimizer", None)
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def optimizer_summary(model: keras.Model) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Reads the optimizer's ``curvature_summary()`` into scalar and histogram summaries.
-
-    Protocol: an optimizer may define ``curvature_summary() -> dict[str, scalar | vector]``
-    (tensors or arrays). It must only *read* its state. Scalars become ``optimizer/<name>``;
-    a vector becomes a histogram ``optimizer/<name>`` plus one scalar per entry,
-    ``optimizer/<name>_1`` ... ``optimizer/<name>_n``.
+def eigensolver_args(top_k: Any, method: Any, tol: Any) -> tuple[int | None, str, float]:
+    """The validated eigensolver arguments the diagnostic callbacks share.
 
     Returns:
-        ``(scalars, histograms)``, both empty when the optimizer has no such method.
+        ``(top_k, method, tol)``.
 
     Raises:
-        ValueError: the method returns something other than a mapping of scalars/vectors.
-    """
-    method = getattr(unwrapped_optimizer(model), "curvature_summary", None)
-    if not callable(method):
-        return {}, {}
-    summary = method()
-    if not isinstance(summary, Mapping):
-        raise ValueError(
-            "`optimizer.curvature_summary()` must return a dict name -> scalar or vector; "
-            f"got {type(summary).__name__}."
-        )
-    scalars, histograms = {}, {}
-    for name, value in summary.items():
-        array = np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
-        tag = f"optimizer/{name}"
-        if array.ndim == 0:
-            scalars[tag] = float(array)
-        elif array.ndim == 1:
-            histograms[tag] = array
-            scalars.update({f"{tag}_{i + 1}": float(v) for i, v in enumerate(array)})
-        else:
-            raise ValueError(
-                f"`optimizer.curvature_summary()[{name!r}]` has shape {array.shape}; only "
-                "scalars and vectors are supported."
-            )
-    return scalars, histograms
-
-
-def check_eigensolver_args(top_k: Any, method: Any, tol: Any) -> None:
-    """Validates the eigensolver arguments the diagnostic callbacks share.
-
-    Raises:
-        ValueError: ``top_k`` not a positive int (or None), an unknown ``method``, or a
+        ValueError: ``top_k`` not an int >= 1 (or None), an unknown ``method``, or a
             ``tol`` that is not a positive number.
     """
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
-    ):
-        raise ValueError(f"`top_k` must be a positive int or None; got {top_k!r}.")
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
-        raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
+    return (
+        integer(top_k, "top_k", minimum=1, allow_none=True),
+        choice(method, "method", METHODS),
+        positive(tol, "tol"),
+    )
 
 
 def _unpack_data(data: Any, owner: str) -> tuple[Any, Any, Any]:
@@ -334,16 +67,6 @@ def _unpack_data(data: Any, owner: str) -> tuple[Any, Any, Any]:
         f"{owner} needs probe data as `(x, y)`, `(x, y, sample_weight)` or a finite "
         f"tf.data.Dataset of such tuples; got {type(data).__name__}."
     )
-
-
-def _check_max_overhead(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise ValueError(f"`max_overhead` must be a positive number or None; got {value!r}.")
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"`max_overhead` must be a positive number or None; got {value!r}.")
-    return float(value)
 
 
 class CurvatureCallback(keras.callbacks.Callback):
@@ -365,34 +88,13 @@ class CurvatureCallback(keras.callbacks.Callback):
     bit.
 
     **Schedule.** With ``every_n_epochs`` and/or ``every_n_batches`` set, measurements
-    follow that fixed schedule (:class:`ProbeSchedule`), whatever they cost. With neither
-    set, the *overhead budget* decides: all curvature callbacks of the model share one
-    account per ``fit`` (:class:`~keras_curv.callbacks._shared.OverheadLedger`) of
-
-    * :math:`D`, the seconds spent inside them so far (set-up, tracing, measurements,
-      summaries), and
-    * :math:`T = W - D`, the training seconds, with :math:`W` the wall time since
-      ``on_train_begin``.
-
-    At every epoch end the budget-scheduled callbacks of the fit decide *together* (the
-    first to reach its ``on_epoch_end`` decides for all): with :math:`c` their summed
-    estimated cost they all measure iff :math:`D + c \\le \\text{max\\_overhead} \\cdot T`
-    (the smallest ``max_overhead`` among them). Measuring at the same epochs lets
-    ``SubspaceAlignment`` reuse ``HessianSpectrum``'s eigenpairs, and no callback starves
-    another. A callback's estimate is
-
-    1. before anything is traced: :attr:`trace_prior_epochs` (2.5) times the first
-       epoch's duration, as the price of tracing (the first epoch contains the tracing of
-       Keras's train step, a smaller graph than a Hessian-vector product's; on the
-       benchmark CNN tracing cost 2.3 first epochs for ``HessianSpectrum`` and 1.7 for
-       ``SubspaceAlignment``); the group's prior sums it over uncalibrated callbacks.
-       Once it fits, each callback *calibrates*: it traces what a measurement needs and
-       times one product (:math:`t_{hvp}`); the seconds are charged to the account;
-    2. before its first measurement: :math:`t_{hvp}` times the expected number of
-       products (:meth:`_expected_products`);
-    3. afterwards: its last measurement's seconds without the eigensolver, plus the last
-       eigensolver run's seconds, counted once per shared operator and not at all when
-       the eigenpairs at the current weights are already known.
+    follow that fixed schedule (:class:`~keras_curv.callbacks._schedule.ProbeSchedule`),
+    whatever they cost. With neither set, the *overhead budget* decides: all curvature
+    callbacks of the model share one account per ``fit``
+    (:class:`~keras_curv.callbacks._schedule.OverheadLedger`) and, at every epoch end,
+    measure together iff their estimated cost keeps the seconds spent in them within
+    ``max_overhead`` of the training seconds (the rule and the estimates:
+    :mod:`~keras_curv.callbacks._schedule`).
 
     At ``on_train_end``, if the last epoch was not measured and the budget allows, a
     final measurement is made at the final weights (its values go to
@@ -426,10 +128,10 @@ class CurvatureCallback(keras.callbacks.Callback):
         super().__init__()
         owner = type(self).__name__
         self.x, self.y, self.sample_weight = _unpack_data(data, owner)
-        self.batch_size = _positive_int_or_none(batch_size, "batch_size")
+        self.batch_size = integer(batch_size, "batch_size", minimum=1, allow_none=True)
         # Validate (and materialise) the probe set now, not mid-training.
         self.probe: ProbeData = probe_data(self.x, self.y, self.sample_weight, self.batch_size)
-        self.max_overhead = _check_max_overhead(max_overhead)
+        self.max_overhead = positive(max_overhead, "max_overhead", allow_none=True)
         self.budgeted = every_n_epochs is None and every_n_batches is None
         self.schedule = ProbeSchedule(
             every_n_epochs, every_n_batches, budgeted=self.max_overhead is not None
@@ -440,9 +142,7 @@ class CurvatureCallback(keras.callbacks.Callback):
         self.writer = CurvatureWriter(log_dir) if log_dir is not None else None
         self.loss = loss
         self.training = bool(training)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int; got {seed!r}.")
-        self.seed = int(seed)
+        self.seed = integer(seed, "seed")
         self._prepared_for = None
         self._fingerprint = probe_fingerprint(self.probe)
         self.shared: SharedProbe | None = None
@@ -592,40 +292,10 @@ class CurvatureCallback(keras.callbacks.Callback):
         return values
 
     def _group_allows(self, when: Any) -> bool:
-        """The joint decision of this fit's budget-scheduled callbacks at ``when``.
-
-        The first member to ask decides for all (see the class docstring): calibrate
-        every member once the prior fits, then measure iff the summed estimate fits.
-        Eigensolver estimates are counted once per shared operator whose eigenpairs are
-        not already known at the current weights.
-        """
-        ledger = self._ledger
-        if when in ledger.decisions:
-            return ledger.decisions[when]
-        members = ledger.members
-        budget = min(m.max_overhead for m in members)
-        decision = False
-        uncalibrated = [m for m in members if not m._calibrated]
-        first_epoch = self._first_epoch_seconds or 0.0
-        prior = sum(m.trace_prior_epochs for m in uncalibrated) * first_epoch
-        if not uncalibrated or ledger.allows(prior, budget):
-            for member in uncalibrated:
-                start = self.clock()
-                member._calibrate()
-                ledger.charge(self.clock() - start)
-                member._calibrated = True
-            total, eig_by_probe = 0.0, {}
-            state = weights_state(self.model)
-            for member in members:
-                own, eig = member._estimate()
-                total += own
-                cached = member.shared.cached(state, member.k, member.method, member.tol)
-                if cached is None:
-                    key = id(member.shared)
-                    eig_by_probe[key] = max(eig_by_probe.get(key, 0.0), eig)
-            decision = ledger.allows(total + sum(eig_by_probe.values()), budget)
-        ledger.decisions[when] = decision
-        return decision
+        """The joint decision of this fit's budget-scheduled callbacks at ``when``."""
+        return self._ledger.decide(
+            when, self.clock, self._first_epoch_seconds, lambda: weights_state(self.model)
+        )
 
     # Keras hooks -------------------------------------------------------------------------
 

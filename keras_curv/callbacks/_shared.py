@@ -9,8 +9,9 @@ that goes away takes its entry with it):
   weights, the second reuses the first's eigenvectors instead of running its own
   eigensolver. Probe sets are compared by content (a hash of the batches), so two
   ``(x[:256], y[:256])`` slices match; different probe data, loss or batching share nothing.
-* :class:`OverheadLedger`: the seconds spent by all the callbacks of one ``fit`` against the
-  training seconds, so that the ``max_overhead`` budget bounds their *combined* cost.
+* :class:`~keras_curv.callbacks._schedule.OverheadLedger`: the seconds spent by all the
+  callbacks of one ``fit`` against the training seconds, so that the ``max_overhead``
+  budget bounds their *combined* cost.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal.data import ProbeData
+from keras_curv.callbacks._schedule import OverheadLedger
 from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
 from keras_curv.curvature.operators import HessianOperator
 
@@ -53,58 +55,6 @@ def weights_state(model: Any) -> tuple:
     values = [tf.cast(tf.reshape(v.value, [-1]), tf.float64) for v in model.trainable_variables]
     sums = tf.stack([tf.reduce_sum(v) for v in values] + [tf.reduce_sum(v * v) for v in values])
     return step, sums.numpy().tobytes()
-
-
-class OverheadLedger:
-    r"""Diagnostic seconds against training seconds, for every callback of one ``fit``.
-
-    With :math:`D` the seconds spent inside the callbacks so far (set-up, measurements,
-    summaries) and :math:`W` the wall time since ``on_train_begin``, the training time is
-    :math:`T = W - D`. A measurement estimated to cost :math:`c` seconds is allowed when
-
-    .. math::
-        D + c \le \text{max\_overhead} \cdot T .
-
-    The budget-scheduled callbacks of the fit (:attr:`members`) decide *together*, once
-    per epoch (:attr:`decisions`), with :math:`c` their summed estimate: they measure at
-    the same epochs, so that one can reuse another's eigenpairs, and the first in the
-    callback list cannot starve the others.
-
-    Args:
-        clock: Returns seconds (monotonic); ``time.perf_counter`` by default.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
-        self._fit: Any = None
-        self.start = clock()
-        self.diagnostic = 0.0
-        # Budget-scheduled callbacks of this fit, and their joint decision per epoch.
-        self.members: list = []
-        self.decisions: dict = {}
-
-    def begin(self, fit_token: Any, clock: Callable[[], float]) -> None:
-        """Starts a new account unless ``fit_token`` (Keras's ``params``) is this fit's.
-
-        Keras hands every callback of one ``fit`` the same ``params`` dict, and a new one
-        to the next ``fit``, so the first callback to begin opens the account.
-        """
-        if fit_token is None or fit_token is not self._fit:
-            self._fit = fit_token
-            self.clock = clock
-            self.start = clock()
-            self.diagnostic = 0.0
-            self.members = []
-            self.decisions = {}
-
-    def training_seconds(self) -> float:
-        return self.clock() - self.start - self.diagnostic
-
-    def allows(self, estimate: float, max_overhead: float) -> bool:
-        return self.diagnostic + estimate <= max_overhead * self.training_seconds()
-
-    def charge(self, seconds: float) -> None:
-        self.diagnostic += float(seconds)
 
 
 class SharedProbe:

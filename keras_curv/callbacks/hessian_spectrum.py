@@ -9,16 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from keras_curv.callbacks._base import (
-    CurvatureCallback,
-    check_eigensolver_args,
-    optimizer_summary,
-    render_density,
-    render_stem,
-)
+from keras_curv._internal.validation import integer
+from keras_curv.callbacks._base import CurvatureCallback, eigensolver_args
+from keras_curv.callbacks._protocol import optimizer_summary
 from keras_curv.curvature.estimators import hutchinson_trace
 from keras_curv.curvature.operators import HessianOperator
 from keras_curv.curvature.spectral_density import spectral_density
+from keras_curv.plotting import render_density, render_stem
 
 
 class HessianSpectrum(CurvatureCallback):
@@ -127,21 +124,11 @@ class HessianSpectrum(CurvatureCallback):
             max_overhead=max_overhead,
             clock=clock,
         )
-        check_eigensolver_args(top_k, method, tol)
-        for name, value, low in (
-            ("trace_samples", trace_samples, 3),
-            ("density_steps", density_steps, 1),
-            ("density_probes", density_probes, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
-        self.top_k = None if top_k is None else int(top_k)
-        self.method = method
-        self.tol = float(tol)
-        self.trace_samples = int(trace_samples)
+        self.top_k, self.method, self.tol = eigensolver_args(top_k, method, tol)
+        self.trace_samples = integer(trace_samples, "trace_samples", minimum=3)
         self.density = bool(density)
-        self.density_steps = int(density_steps)
-        self.density_probes = int(density_probes)
+        self.density_steps = integer(density_steps, "density_steps", minimum=1)
+        self.density_probes = integer(density_probes, "density_probes", minimum=1)
         self.operator: HessianOperator | None = None
         self.eigenvectors: np.ndarray | None = None
         self.eigenvalues: np.ndarray | None = None

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_curv.callbacks._base import unwrapped_optimizer
+from keras_curv._internal.optimizer import model_optimizer
 
 
 class SkippedSteps(keras.callbacks.Callback):
@@ -46,7 +46,7 @@ class SkippedSteps(keras.callbacks.Callback):
         self._warned = False
 
     def _count(self) -> int:
-        optimizer = unwrapped_optimizer(self.model)
+        optimizer = model_optimizer(self.model)
         if not hasattr(type(optimizer), "skipped_steps"):
             raise ValueError(
                 f"SkippedSteps needs a keras-curv optimizer (one with `skipped_steps`); "

@@ -8,17 +8,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal.data import class_targets
-from keras_curv.callbacks._base import (
-    CurvatureCallback,
-    check_eigensolver_args,
-    render_heatmap,
-    unwrapped_optimizer,
-)
+from keras_curv._internal.validation import number
+from keras_curv.callbacks._base import CurvatureCallback, eigensolver_args
+from keras_curv.callbacks._protocol import optimizer_directions
 from keras_curv.curvature.alignment import (
     DEFAULT_RANK_RTOL,
     best_assignment,
@@ -30,6 +26,7 @@ from keras_curv.curvature.alignment import (
 )
 from keras_curv.curvature.class_gradients import class_gradients_for
 from keras_curv.curvature.operators import HessianOperator
+from keras_curv.plotting import render_heatmap
 
 
 def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, rtol: float) -> dict:
@@ -143,13 +140,10 @@ class SubspaceAlignment(CurvatureCallback):
             max_overhead=max_overhead,
             clock=clock,
         )
-        check_eigensolver_args(top_k, method, tol)
-        if not (isinstance(rank_rtol, (int, float)) and 0 < rank_rtol < 1):
-            raise ValueError(f"`rank_rtol` must lie in (0, 1); got {rank_rtol!r}.")
-        self.top_k = None if top_k is None else int(top_k)
-        self.method = method
-        self.tol = float(tol)
-        self.rank_rtol = float(rank_rtol)
+        self.top_k, self.method, self.tol = eigensolver_args(top_k, method, tol)
+        self.rank_rtol = number(
+            rank_rtol, "rank_rtol", low=0.0, high=1.0, low_open=True, high_open=True
+        )
         self.operator: HessianOperator | None = None
         self.eigenvectors: np.ndarray | None = None
         self.last: dict[str, dict[str, Any]] = {}
@@ -209,18 +203,6 @@ class SubspaceAlignment(CurvatureCallback):
             stacklevel=2,
         )
 
-    def _optimizer_directions(self) -> np.ndarray | None:
-        method = getattr(unwrapped_optimizer(self.model), "class_directions", None)
-        if not callable(method):
-            return None
-        directions = np.asarray(keras.ops.convert_to_numpy(method()), dtype=np.float64)
-        if directions.ndim != 2 or directions.shape[1] != self.operator.dim:
-            raise ValueError(
-                "`optimizer.class_directions()` must return a (C, dim) array with "
-                f"dim={self.operator.dim} (the flat parameter layout); got {directions.shape}."
-            )
-        return directions
-
     def _measure(self, step: int) -> dict[str, float]:
         result, _ = self.shared.top_eigenpairs(
             self.k,
@@ -236,9 +218,9 @@ class SubspaceAlignment(CurvatureCallback):
         gradient = self.operator.gradient().numpy().astype(np.float64)
         directions = self._class_gradients(None, data=self.probe).numpy()
         groups = {"": directions}
-        optimizer_directions = self._optimizer_directions()
-        if optimizer_directions is not None:
-            groups["optimizer_"] = optimizer_directions
+        optimizer_rows = optimizer_directions(self.model, self.operator.dim)
+        if optimizer_rows is not None:
+            groups["optimizer_"] = optimizer_rows
 
         values: dict[str, float] = {}
         scalars, histograms, images = {}, {}, {}

@@ -20,6 +20,8 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from keras_curv._internal.validation import number
+
 DEFAULT_RANK_RTOL = 1e-2
 
 
@@ -231,8 +233,7 @@ def combined_rank(a: Any, b: Any, rtol: float = DEFAULT_RANK_RTOL) -> int:
         >>> combined_rank(np.eye(3)[:2], np.eye(3)[1:])
         3
     """
-    if not (np.isfinite(rtol) and 0 < rtol < 1):
-        raise ValueError(f"`rtol` must lie in (0, 1); got {rtol!r}.")
+    rtol = number(rtol, "rtol", low=0.0, high=1.0, low_open=True, high_open=True)
     a, b = _pair(a, b)
     stacked = _unit_rows(np.concatenate([_nonzero_rows(a, "a"), _nonzero_rows(b, "b")]))
     singular = np.linalg.svd(stacked, compute_uv=False)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_curv._internal.validation import choice, integer, positive
 from keras_curv.curvature.lanczos import lanczos, tridiagonal_eigh
 from keras_curv.curvature.operators import LinearOperator
 
@@ -127,33 +128,26 @@ def top_eigenpairs(
         >>> np.round(vals, 6)
         array([5., 3.])
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    choice(method, "method", METHODS)
     dim = op.dim
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"`k` must be an int; got {k!r}.")
-    if not 1 <= k <= dim:
+    k = integer(k, "k", minimum=1)
+    if k > dim:
         raise ValueError(
             f"`k` must lie in [1, dim]; got k={k} for an operator of dim={dim}. "
             "Ask for at most dim eigenpairs."
         )
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"`tol` must be a positive number; got {tol!r}.")
-    if max_iters is not None and (
-        isinstance(max_iters, bool) or int(max_iters) != max_iters or max_iters < 1
-    ):
-        raise ValueError(f"`max_iters` must be a positive int or None; got {max_iters!r}.")
-    if isinstance(oversampling, bool) or int(oversampling) != oversampling or oversampling < 0:
-        raise ValueError(f"`oversampling` must be a non-negative int; got {oversampling!r}.")
+    tol = positive(tol, "tol")
+    max_iters = integer(max_iters, "max_iters", minimum=1, allow_none=True)
+    oversampling = integer(oversampling, "oversampling", minimum=0)
     init_block = _check_init(init, dim)
     rng = np.random.default_rng(seed)
     start = op.num_matvecs
     if method == "lanczos":
-        out = _lanczos(op, int(k), tol, max_iters, rng, init_block)
+        out = _lanczos(op, k, tol, max_iters, rng, init_block)
     elif method == "nystrom":
-        out = _subspace(op, int(k), tol, max_iters, rng, init_block, int(oversampling))
+        out = _subspace(op, k, tol, max_iters, rng, init_block, oversampling)
     else:
-        out = _power(op, int(k), tol, max_iters, rng, init_block)
+        out = _power(op, k, tol, max_iters, rng, init_block)
     vals, vecs, residuals, converged, iters = out
     order = np.argsort(-vals, kind="stable")
     return EigenResult(

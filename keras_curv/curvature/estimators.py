@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_curv._internal.validation import choice, integer, is_int
+
 _METHODS = ("hutchinson", "hutch++")
 _DEFAULT_BLOCK_SIZE = 64
 
@@ -140,11 +142,15 @@ def hutchinson_trace(
         >>> result.num_matvecs
         30
     """
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
-    minimum = 3 if method == "hutch++" else 1
-    num_samples = _check_count(num_samples, "num_samples", minimum, method)
-    block_size = _check_count(block_size, "block_size", 1)
+    choice(method, "method", _METHODS)
+    if method == "hutch++" and is_int(num_samples) and num_samples < 3:
+        raise ValueError(
+            "hutch++ needs `num_samples` >= 3 (a third each for the sketch, its products "
+            f"and the residual probes); got {num_samples}. Raise it, or use "
+            "method='hutchinson'."
+        )
+    num_samples = integer(num_samples, "num_samples", minimum=1)
+    block_size = integer(block_size, "block_size", minimum=1)
     dim, dtype = _check_operator(op)
     rng = np.random.default_rng(seed)
 
@@ -207,8 +213,8 @@ def hutchinson_diagonal(
         >>> np.round(result.diagonal, 1)
         array([2., 3.])
     """
-    num_samples = _check_count(num_samples, "num_samples", 1)
-    block_size = _check_count(block_size, "block_size", 1)
+    num_samples = integer(num_samples, "num_samples", minimum=1)
+    block_size = integer(block_size, "block_size", minimum=1)
     dim, dtype = _check_operator(op)
     rng = np.random.default_rng(seed)
 
@@ -275,20 +281,6 @@ def _block_sizes(total: int, block_size: int):
 
 def _as_float64(tensor) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(tensor), tf.float64)
-
-
-def _check_count(value: Any, name: str, minimum: int, method: str | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
-    if value < minimum:
-        if method == "hutch++":
-            raise ValueError(
-                f"hutch++ needs `{name}` >= 3 (a third each for the sketch, its "
-                f"products and the residual probes); got {value}. Raise it, or use "
-                "method='hutchinson'."
-            )
-        raise ValueError(f"`{name}` must be a positive int (>= {minimum}); got {value}.")
-    return int(value)
 
 
 def _check_operator(op: Any) -> tuple[int, tf.DType]:

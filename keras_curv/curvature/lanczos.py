@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
+from keras_curv._internal.validation import integer
 from keras_curv.curvature.operators import LinearOperator
 
 # beta_j <= _BREAKDOWN * eps(op dtype) * ||T|| counts as an invariant subspace.
@@ -145,9 +146,8 @@ def lanczos(
         True
     """
     dim = op.dim
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise ValueError(f"`num_steps` must be an int; got {num_steps!r}.")
-    if not 1 <= num_steps <= dim:
+    num_steps = integer(num_steps, "num_steps", minimum=1)
+    if num_steps > dim:
         raise ValueError(
             f"`num_steps` must lie in [1, dim={dim}]; got {num_steps}. A Krylov space of "
             "the operator cannot have more dimensions than the operator itself."

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keras_curv._internal.validation import choice, integer, positive
 from keras_curv.curvature.lanczos import lanczos
 from keras_curv.curvature.operators import LinearOperator
 
@@ -92,20 +93,16 @@ def spectral_density(
         >>> plt.semilogy(sd.grid, sd.density)
     """
     dim = op.dim
-    for name, value, low in (("num_probes", num_probes, 1), ("grid_size", grid_size, 2)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise ValueError(f"`num_steps` must be an int; got {num_steps!r}.")
-    if not 1 <= num_steps <= dim:
+    num_probes = integer(num_probes, "num_probes", minimum=1)
+    grid_size = integer(grid_size, "grid_size", minimum=2)
+    num_steps = integer(num_steps, "num_steps", minimum=1)
+    if num_steps > dim:
         raise ValueError(
             f"`num_steps` must lie in [1, dim]; got num_steps={num_steps} for an operator "
             f"of dim={dim}."
         )
-    if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"`sigma` must be a positive number or None; got {sigma!r}.")
-    if probe not in PROBES:
-        raise ValueError(f"Unknown probe {probe!r}; choose one of {', '.join(PROBES)}.")
+    sigma = positive(sigma, "sigma", allow_none=True)
+    choice(probe, "probe", PROBES)
 
     rng = np.random.default_rng(seed)
     start = op.num_matvecs

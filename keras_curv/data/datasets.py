@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_curv._internal.validation import choice, integer, number
+
 OFFLINE_DATASETS = ("digits", "mnist1d")
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DATASET_NAMES = OFFLINE_DATASETS + TFDS_DATASETS
@@ -135,22 +137,18 @@ def load_dataset(
         >>> data.x_train.shape, data.num_classes
         ((1438, 8, 8, 1), 10)
     """
-    if not isinstance(name, str) or name not in DATASET_NAMES:
-        raise ValueError(
-            f"Unknown dataset {name!r}; choose one of {', '.join(map(repr, DATASET_NAMES))}."
-        )
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"`test_fraction` must lie strictly between 0 and 1; got {test_fraction}.")
-    for label, limit in (("max_train", max_train), ("max_test", max_test)):
-        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
-            raise ValueError(f"`{label}` must be a positive integer or None; got {limit!r}.")
-    if int(mnist1d_samples) < 20:
-        raise ValueError(f"`mnist1d_samples` must be at least 20; got {mnist1d_samples}.")
+    choice(name, "name", DATASET_NAMES)
+    test_fraction = number(
+        test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    max_train = integer(max_train, "max_train", minimum=1, allow_none=True)
+    max_test = integer(max_test, "max_test", minimum=1, allow_none=True)
+    mnist1d_samples = integer(mnist1d_samples, "mnist1d_samples", minimum=20)
 
     if name == "digits":
-        data = _load_digits(seed, float(test_fraction))
+        data = _load_digits(seed, test_fraction)
     elif name == "mnist1d":
-        data = _load_mnist1d(data_dir, seed, float(test_fraction), int(mnist1d_samples))
+        data = _load_mnist1d(data_dir, seed, test_fraction, mnist1d_samples)
     else:
         data = _load_tfds(name, data_dir, download)
 

@@ -38,6 +38,7 @@ from keras_curv._internal.keras_privates import (
 )
 from keras_curv._internal.losses import as_keras_loss
 from keras_curv._internal.model import recording_is_paused
+from keras_curv._internal.optimizer import unwrap
 from keras_curv.optimizers.batch import LayerCall, TrainBatch
 
 # Layers whose inputs and (pre-activation) outputs are recorded with ``layer_taps=True``.
@@ -230,8 +231,8 @@ def _compiled_optimizers(model: keras.Model) -> list:
     compiled = getattr(model, "optimizer", None)
     if compiled is None:
         return []
-    inner = getattr(compiled, "inner_optimizer", None)
-    return [compiled] if inner is None else [compiled, inner]
+    inner = unwrap(compiled)
+    return [compiled] if inner is compiled else [compiled, inner]
 
 
 def _owns(model: keras.Model, optimizer: Any) -> bool:
@@ -501,7 +502,7 @@ def curvature_step(
         ...         model, opt, "sparse_categorical_crossentropy", x, y)
     """
     resolved = as_keras_loss(loss) or loss
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = unwrap(optimizer)
     if getattr(inner, "uses_layer_taps", False):
         attach(model, layer_taps=True)
     if tf.inside_function():
@@ -545,7 +546,7 @@ def _step(model, optimizer, loss_fn, training, x, y, sample_weight):
             value = value + tf.add_n([tf.cast(r, value.dtype) for r in model.losses])
         scaled = optimizer.scale_loss(value)
     gradients = tape.gradient(scaled, variables)
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = unwrap(optimizer)
     batch = TrainBatch(
         model=model,
         x=x,

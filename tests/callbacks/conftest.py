@@ -31,6 +31,19 @@ def tiny_model(features=4, hidden=5, dtype="float64", seed=0):
     )
 
 
+class FakeClock:
+    """A clock that only moves when told to (seconds)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 def mean_xent(y):
     return lambda out: tf.reduce_mean(
         keras.losses.sparse_categorical_crossentropy(y, out, from_logits=True)

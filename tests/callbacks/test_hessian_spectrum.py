@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 
 from keras_curv.callbacks import HessianSpectrum
-from keras_curv.callbacks._base import ProbeSchedule, model_loss
 from tests.callbacks.conftest import dense_spectrum, read_events, tiny_data, tiny_model
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -139,21 +138,6 @@ def test_every_n_epochs_schedule():
     assert len(history.history["top_eigenvalue"]) == 2
 
 
-def test_probe_schedule_steps():
-    schedule = ProbeSchedule(every_n_epochs=1, every_n_batches=4)
-    due = []
-    for epoch in range(2):
-        schedule.epoch_begin()
-        # steps_per_execution=3: Keras reports batches 2, 5, 6 of a 7-batch epoch.
-        due += [schedule.batch_end(b) for b in (2, 5, 6)]
-        assert schedule.epoch_due(epoch)
-        assert schedule.step(epoch) == 7 * (epoch + 1)
-    # Global counts 3, 6, 7 | 10, 13, 14: multiples of 4 are crossed at 6 (4), 10 (8), 13 (12).
-    assert due == [False, True, False, True, True, False]
-    assert ProbeSchedule(3, None).step(5) == 5
-    assert [ProbeSchedule(3, None).epoch_due(e) for e in range(6)] == [0, 0, 1, 0, 0, 1]
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -166,10 +150,17 @@ def test_probe_schedule_steps():
         ({"max_overhead": 0.0}, "max_overhead"),
         ({"clock": 3.0}, "clock"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
-        ({"method": "qr"}, "Unknown method"),
+        ({"method": "qr"}, "`method` must be one of"),
         ({"trace_samples": 2}, "trace_samples"),
         ({"tol": -1.0}, "tol"),
         ({"batch_size": 0}, "batch_size"),
+        # The shared rule: ints refuse bools and floats, numbers refuse bools and non-finite.
+        ({"top_k": 2.0}, "`top_k` must be an int >= 1 or None; received top_k=2.0"),
+        ({"seed": True}, "`seed` must be an int"),
+        ({"every_n_batches": True}, "every_n_batches"),
+        ({"density_probes": 1.0}, "density_probes"),
+        ({"tol": True}, "`tol` must be a number > 0"),
+        ({"max_overhead": float("nan")}, "`max_overhead` must be a number > 0 or None"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -186,16 +177,6 @@ def test_top_k_above_dim_fails_before_training():
         fit(model, [HessianSpectrum((x, y), top_k=10_000)])
     for old, new in zip(before, model.weights):
         np.testing.assert_array_equal(old, new.numpy())
-
-
-def test_loss_resolution():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="not compiled"):
-        model_loss(model, None, "HessianSpectrum")
-    model.compile(loss=["mse", "mse"], optimizer="sgd")
-    with pytest.raises(ValueError, match="one per output"):
-        model_loss(model, None, "HessianSpectrum")
-    assert model_loss(model, "mse", "HessianSpectrum") == "mse"
 
 
 def test_compiled_loss_function_is_treated_per_sample():

@@ -5,21 +5,9 @@ import numpy as np
 import pytest
 
 from keras_curv.callbacks import HessianSpectrum, SubspaceAlignment
-from keras_curv.callbacks._shared import OverheadLedger
-from tests.callbacks.conftest import dense_spectrum, tiny_data, tiny_model
+from tests.callbacks.conftest import FakeClock, dense_spectrum, tiny_data, tiny_model
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def budgeted(clock, calibration=0.45, hvp=0.01, cost=0.37, **kwargs):
@@ -52,23 +40,6 @@ def fit(callbacks, epochs, clock, train_end_seconds=0.0):
         on_train_end=lambda logs: clock.advance(train_end_seconds),
     )
     return model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, callbacks=[ticker, *callbacks])
-
-
-def test_ledger_rule():
-    clock = FakeClock()
-    ledger = OverheadLedger(clock)
-    ledger.begin("fit", clock)
-    clock.advance(10.0)
-    assert ledger.training_seconds() == 10.0
-    assert ledger.allows(1.0, 0.1) and not ledger.allows(1.01, 0.1)
-    ledger.charge(0.5)
-    clock.advance(0.5)  # the charged seconds are not training time
-    assert ledger.training_seconds() == 10.0
-    assert ledger.allows(0.5, 0.1) and not ledger.allows(0.51, 0.1)
-    ledger.begin("fit", clock)  # same fit: same account
-    assert ledger.diagnostic == 0.5
-    ledger.begin("next fit", clock)
-    assert ledger.diagnostic == 0.0 and ledger.training_seconds() == 0.0
 
 
 def test_budget_schedule_with_a_fake_clock():

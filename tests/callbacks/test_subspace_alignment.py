@@ -124,7 +124,9 @@ def test_bad_class_directions_shape():
     [
         ({"data": "x"}, "probe data"),
         ({"top_k": -1}, "top_k"),
-        ({"rank_rtol": 1.5}, "rank_rtol"),
+        ({"rank_rtol": 1.5}, r"`rank_rtol` must be a number in \(0, 1\)"),
+        ({"rank_rtol": 1.0}, "rank_rtol"),
+        ({"method": "eigh"}, "`method` must be one of"),
         ({"max_overhead": None}, "Nothing is scheduled"),
         ({"every_n_batches": 1.5}, "every_n_batches"),
     ],

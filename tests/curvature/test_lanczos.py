@@ -214,7 +214,9 @@ class TestValidation:
             top_eigenpairs(self.op, k)
 
     def test_unknown_method(self):
-        with pytest.raises(ValueError, match="lanczos, nystrom, power"):
+        with pytest.raises(
+            ValueError, match=r"`method` must be one of \('lanczos', 'nystrom', 'power'\)"
+        ):
             top_eigenpairs(self.op, 2, method="arnoldi")
 
     @pytest.mark.parametrize(
@@ -231,10 +233,20 @@ class TestValidation:
             top_eigenpairs(self.op, 2, init=np.zeros(10))
 
     @pytest.mark.parametrize(
-        "kwargs", [{"tol": 0.0}, {"tol": -1.0}, {"max_iters": 0}, {"oversampling": -1}]
+        "kwargs",
+        [
+            {"tol": 0.0},
+            {"tol": -1.0},
+            {"tol": float("inf")},
+            {"max_iters": 0},
+            {"max_iters": 3.0},
+            {"oversampling": -1},
+            {"oversampling": True},
+        ],
     )
     def test_bad_numbers(self, kwargs):
-        with pytest.raises(ValueError):
+        [name] = kwargs
+        with pytest.raises(ValueError, match=f"`{name}` must be"):
             top_eigenpairs(self.op, 2, **kwargs)
 
 

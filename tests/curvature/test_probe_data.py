@@ -40,6 +40,8 @@ def test_class_targets():
         ((np.zeros(()), np.zeros(3)), "batch axis"),
         (({"a": np.zeros((3, 2)), "b": np.zeros((4, 2))}, np.zeros(3)), "different numbers"),
         (("not a dataset tuple",), "targets"),
+        ((np.zeros((3, 2)), np.zeros(3), None, 0), "`batch_size` must be an int >= 1 or None"),
+        ((np.zeros((3, 2)), np.zeros(3), None, 2.0), "batch_size"),
     ],
 )
 def test_errors(args, message):

@@ -107,7 +107,9 @@ def test_seed_reproducible():
         ({"grid_size": 1}, "grid_size"),
         ({"sigma": 0.0}, "sigma"),
         ({"sigma": -1.0}, "sigma"),
-        ({"probe": "uniform"}, "rademacher, gaussian"),
+        ({"sigma": float("nan")}, "`sigma` must be a number > 0 or None"),
+        ({"num_probes": 2.0}, "`num_probes` must be an int >= 1"),
+        ({"probe": "uniform"}, r"`probe` must be one of \('rademacher', 'gaussian'\)"),
     ],
 )
 def test_bad_input(kwargs, match):

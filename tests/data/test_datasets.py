@@ -203,7 +203,9 @@ def test_tfds_not_installed_is_unavailable(monkeypatch):
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'") as info:
+    with pytest.raises(
+        ValueError, match="`name` must be one of .*received name='imagenet'"
+    ) as info:
         load_dataset("imagenet")
     for name in DATASET_NAMES:
         assert repr(name) in str(info.value)
@@ -219,6 +221,8 @@ def test_unknown_name_lists_the_valid_ones():
         ({"max_train": 2.5}, "max_train"),
         ({"max_train": True}, "max_train"),
         ({"mnist1d_samples": 5}, "mnist1d_samples"),
+        ({"mnist1d_samples": 200.0}, "`mnist1d_samples` must be an int >= 20"),
+        ({"test_fraction": float("nan")}, "test_fraction"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

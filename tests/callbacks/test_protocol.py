@@ -1,0 +1,73 @@
+"""What the callbacks read from an optimizer: curvature_summary() and class_directions()."""
+
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_curv.callbacks._protocol import optimizer_directions, optimizer_summary
+
+
+class Reporting(keras.optimizers.SGD):
+    """An SGD that reports a fixed curvature summary and class directions."""
+
+    def __init__(self, summary=None, directions=None, **kwargs):
+        super().__init__(**kwargs)
+        self._summary, self._directions = summary, directions
+
+    def curvature_summary(self):
+        return self._summary
+
+    def class_directions(self):
+        return self._directions
+
+
+def _model(optimizer):
+    return SimpleNamespace(optimizer=optimizer)
+
+
+def test_scalars_and_vectors_become_tags():
+    summary = {"damping": tf.constant(0.5), "curvature": np.array([3.0, 2.0], np.float32)}
+    scalars, histograms = optimizer_summary(_model(Reporting(summary)))
+    assert scalars == {
+        "optimizer/damping": 0.5,
+        "optimizer/curvature_1": 3.0,
+        "optimizer/curvature_2": 2.0,
+    }
+    assert list(histograms) == ["optimizer/curvature"]
+    np.testing.assert_array_equal(histograms["optimizer/curvature"], [3.0, 2.0])
+    assert histograms["optimizer/curvature"].dtype == np.float64
+
+
+def test_read_through_a_loss_scale_optimizer():
+    wrapped = keras.optimizers.LossScaleOptimizer(Reporting({"damping": 2.0}))
+    assert optimizer_summary(_model(wrapped)) == ({"optimizer/damping": 2.0}, {})
+    rows = np.ones((3, 5))
+    wrapped = keras.optimizers.LossScaleOptimizer(Reporting(directions=rows))
+    np.testing.assert_array_equal(optimizer_directions(_model(wrapped), 5), rows)
+
+
+@pytest.mark.parametrize("optimizer", [keras.optimizers.SGD(), None])
+def test_optimizers_without_the_protocol_give_nothing(optimizer):
+    assert optimizer_summary(_model(optimizer)) == ({}, {})
+    assert optimizer_directions(_model(optimizer), 4) is None
+
+
+@pytest.mark.parametrize(
+    "summary, match",
+    [
+        ([1.0, 2.0], "must return a dict"),
+        ({"matrix": np.eye(2)}, r"\['matrix'\].*shape \(2, 2\)"),
+    ],
+)
+def test_bad_summaries_raise(summary, match):
+    with pytest.raises(ValueError, match=match):
+        optimizer_summary(_model(Reporting(summary)))
+
+
+@pytest.mark.parametrize("directions", [np.ones((3, 4)), np.ones(5), np.ones((1, 3, 5))])
+def test_directions_must_be_c_by_dim(directions):
+    with pytest.raises(ValueError, match=r"\(C, dim\) array with dim=5"):
+        optimizer_directions(_model(Reporting(directions=directions)), 5)
