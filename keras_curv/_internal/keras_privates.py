@@ -9,12 +9,16 @@ TensorFlow private.
 
 from __future__ import annotations
 
+import itertools
 import sys
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorflow.python.distribute import cross_device_ops
 from tensorflow.python.ops import control_flow_util
 
 # How many callers :func:`calling_models` looks through (see there).
@@ -121,3 +125,71 @@ def calling_models(start_depth: int = 2) -> Iterator[keras.Model]:
         if isinstance(owner, keras.Model):
             yield owner
         frame = frame.f_back
+
+
+# ---------------------------------------------------------------- collective keys
+# Collective keys no other strategy in the process shares (a TensorFlow bug's workaround).
+#
+# Every ``tf.distribute.MirroredStrategy`` numbers its collectives from the same start:
+# group key ``1 + MirroredStrategy._collective_key_base`` (0 outside TensorFlow's own
+# tests), instance keys from 100 up, one new instance key per collective per call of a
+# ``tf.function``. The runtime remembers the shape of every (group, instance) pair for
+# the life of the process, and cannot be told to forget it. A second strategy in the
+# same process therefore reuses the first one's keys, and its first collective whose
+# shape differs fails with ``Shape mismatch in the collective instance 100 ... expected
+# shape [a] but another member in the group expected shape [b]``: plain Keras alike, as
+# soon as two models of different sizes are trained under two strategies
+# (tensorflow/tensorflow#62790). TensorFlow's own tests avoid it by raising
+# ``_collective_key_base`` before each strategy is made (``strategy_combinations.py``);
+# keras-curv does not make the strategy, so it does the same afterwards.
+
+# Fresh group keys come from far above those TensorFlow hands out (1, 2, ... and, in its
+# tests, steps of 100000), spaced by more than the one group a MirroredStrategy's keys
+# allocate; int32 keys leave room for 2**20 strategies.
+_GROUP_KEY_BASE = 1 << 30
+_GROUP_KEY_STRIDE = 1 << 10
+_next_base = itertools.count(_GROUP_KEY_BASE, _GROUP_KEY_STRIDE)
+_rekeyed: weakref.WeakSet = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def use_fresh_collective_keys(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Gives ``strategy``'s collectives a group key that no other strategy uses.
+
+    Touches four privates of ``MirroredExtended`` (``tensorflow/python/distribute/
+    mirrored_strategy.py``): ``_collective_key_base`` (the offset TensorFlow's tests
+    raise), ``_make_collective_ops_with_fallbacks`` (which builds the
+    ``CollectiveAllReduce`` and its ``CollectiveKeys`` from that offset, exactly as the
+    constructor did), and ``_collective_ops`` / ``_cross_device_ops``, which it
+    replaces (the latter only where it was the same object, i.e. the user passed no
+    ``cross_device_ops``). The old ``CollectiveAllReduce`` is left intact, so a
+    function already traced with it keeps consistent keys. Call it eagerly, under
+    the strategy's scope, before the train function is traced (``Optimizer.build``
+    inside ``fit``); once per strategy, later calls are no-ops.
+
+    Args:
+        strategy: The strategy; the current one when ``None``.
+
+    Returns:
+        Whether the keys were replaced: ``False`` for any strategy but a
+        ``MirroredStrategy`` whose collectives are ``CollectiveAllReduce`` (multi-worker
+        strategies need keys every worker agrees on), inside a ``tf.function``, and
+        for a strategy already re-keyed.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MirroredStrategy) or tf.inside_function():
+        return False
+    extended = strategy.extended
+    with _lock:
+        if extended in _rekeyed:
+            return False
+        _rekeyed.add(extended)
+        collective = extended._collective_ops
+        if not isinstance(collective, cross_device_ops.CollectiveAllReduce):
+            return False
+        shared = extended._cross_device_ops is collective
+        extended._collective_key_base = next(_next_base)
+        extended._collective_ops = extended._make_collective_ops_with_fallbacks()
+        if shared:
+            extended._cross_device_ops = extended._collective_ops
+    return True

@@ -29,7 +29,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_curv._internal.keras_privates import variable_index
+from keras_curv._internal.keras_privates import use_fresh_collective_keys, variable_index
 from keras_curv.optimizers import distribute
 from keras_curv.optimizers.batch import TrainBatch
 from keras_curv.optimizers.contract import current_batch, model_of
@@ -88,6 +88,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """Creates Keras's state and :attr:`skipped_steps`; attaches to the model if known."""
         if self.built:
             return
+        # A new strategy would reuse an earlier one's collective keys (TensorFlow bug).
+        use_fresh_collective_keys()
         super().build(var_list)
         # Equal on every replica: "only_first_replica" lets a replica context update it.
         self._skipped_steps = self.add_variable(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import keras
@@ -16,6 +13,7 @@ import tensorflow as tf
 
 from keras_curv.callbacks import SkippedSteps
 from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+from tests.optimizers._fresh_process import json_reports
 
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_distributed_case.py")
 _F64_CASES = [
@@ -51,27 +49,13 @@ _MIXED_CASES = [
 @functools.cache
 def _reports() -> dict:
     """Every distributed case, in two processes run side by side (tracing dominates)."""
-    # Logical devices must be configured before TF's first op: fresh processes.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     groups = (
         [*_F64_CASES, *_F32_CASES, "csn_paper_short_last_batch_f64"],
         [*_LOSS_SCALED_CASES, *_MIXED_CASES],
     )
-    runs = [
-        subprocess.Popen(
-            [sys.executable, _CASE_SCRIPT, *names],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for names in groups
-    ]
     report = {}
-    for run in runs:
-        out, err = run.communicate(timeout=900)
-        assert run.returncode == 0, err[-4000:]
-        report.update(json.loads(out.strip().splitlines()[-1]))
+    for part in json_reports(_CASE_SCRIPT, groups, timeout=900):
+        report.update(part)
     return report
 
 
@@ -301,7 +285,7 @@ def test_csn_underflowing_curvature_takes_no_infinite_step():
     model.compile(optimizer=ClassSubspaceNewton(lr), loss=loss)
     model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
     opt = model.optimizer
-    curvature = opt.class_curvatures.numpy()
+    curvature = opt.curvature.numpy()
     assert curvature[0] == 0.0 and np.all(curvature[1:] > 0)
     theta1 = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
     assert np.all(np.isfinite(theta1))
