@@ -108,3 +108,142 @@ def resnet9(
     x = keras.layers.GlobalMaxPooling2D(dtype=dtype)(x)
     outputs = keras.layers.Dense(num_classes, dtype=dtype)(x)
     return keras.Model(inputs, outputs, name="resnet9")
+
+
+def mlp(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    widths: tuple[int, ...] = (64, 64),
+    activation: str = "relu",
+    dtype: str | None = None,
+) -> keras.Model:
+    """A fully connected classifier (inputs flattened) that outputs logits.
+
+    Args:
+        input_shape: Shape of one input, without the batch axis.
+        num_classes: Number of classes C.
+        widths: Hidden layer widths.
+        activation: Hidden activation.
+        dtype: Layer dtype (``None``: the global policy).
+
+    Example:
+        >>> model = mlp((8, 8, 1), 10)     # the digits MLP 64-64-10
+    """
+    layers = [keras.Input(input_shape), keras.layers.Flatten(dtype=dtype)]
+    layers += [keras.layers.Dense(w, activation=activation, dtype=dtype) for w in widths]
+    layers.append(keras.layers.Dense(num_classes, dtype=dtype))
+    return keras.Sequential(layers, name="mlp")
+
+
+def batchnorm_cnn(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    filters: int = 8,
+    depthwise: bool = False,
+    dtype: str | None = None,
+) -> keras.Model:
+    """A small CNN with BatchNormalization (and optionally a depthwise-separable block).
+
+    ``Conv2D → BN → ReLU → [DepthwiseConv2D → BN → ReLU → 1x1 Conv2D] → Conv2D → BN → ReLU
+    → global average pooling → Dense`` (logits).
+
+    Example:
+        >>> model = batchnorm_cnn((8, 8, 1), 10, depthwise=True)
+    """
+    inputs = keras.Input(input_shape)
+
+    def block(h, layer):
+        h = layer(h)
+        h = keras.layers.BatchNormalization(dtype=dtype)(h)
+        return keras.layers.Activation("relu", dtype=dtype)(h)
+
+    h = block(inputs, keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype))
+    if depthwise:
+        h = block(h, keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, dtype=dtype))
+        h = keras.layers.Conv2D(2 * filters, 1, dtype=dtype)(h)
+    h = block(h, keras.layers.Conv2D(2 * filters, 3, padding="same", use_bias=False, dtype=dtype))
+    h = keras.layers.GlobalAveragePooling2D(dtype=dtype)(h)
+    outputs = keras.layers.Dense(num_classes, dtype=dtype)(h)
+    return keras.Model(inputs, outputs, name="batchnorm_cnn")
+
+
+def transformer_classifier(
+    sequence_length: int,
+    vocabulary: int,
+    num_classes: int,
+    *,
+    dim: int = 32,
+    heads: int = 2,
+    dropout: float = 0.1,
+    dtype: str | None = None,
+) -> keras.Model:
+    """A one-block Transformer encoder over token ids that outputs logits.
+
+    Token and position ``Embedding``s, ``MultiHeadAttention`` with a residual and
+    ``LayerNormalization``, a ReLU feed-forward block with a residual and
+    ``LayerNormalization``, ``Dropout``, mean pooling, ``Dense``.
+
+    Example:
+        >>> model = transformer_classifier(16, 32, 4)
+    """
+    tokens = keras.Input((sequence_length,), dtype="int32")
+    positions = keras.ops.arange(sequence_length)
+    h = keras.layers.Embedding(vocabulary, dim, dtype=dtype)(tokens)
+    h = h + keras.layers.Embedding(sequence_length, dim, dtype=dtype)(positions)
+    attended = keras.layers.MultiHeadAttention(heads, dim // heads, dtype=dtype)(h, h)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h + keras.layers.Dropout(dropout)(attended))
+    forward = keras.layers.Dense(2 * dim, activation="relu", dtype=dtype)(h)
+    forward = keras.layers.Dense(dim, dtype=dtype)(forward)
+    h = keras.layers.LayerNormalization(dtype=dtype)(h + keras.layers.Dropout(dropout)(forward))
+    h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
+    return keras.Model(tokens, keras.layers.Dense(num_classes, dtype=dtype)(h), name="transformer")
+
+
+def lstm_classifier(
+    sequence_length: int,
+    vocabulary: int,
+    num_classes: int,
+    *,
+    units: int = 32,
+    dtype: str | None = None,
+) -> keras.Model:
+    """``Embedding → LSTM → Dense`` over token ids, outputting logits.
+
+    Example:
+        >>> model = lstm_classifier(16, 32, 4)
+    """
+    return keras.Sequential(
+        [
+            keras.Input((sequence_length,), dtype="int32"),
+            keras.layers.Embedding(vocabulary, 16, dtype=dtype),
+            keras.layers.LSTM(units, dtype=dtype),
+            keras.layers.Dense(num_classes, dtype=dtype),
+        ],
+        name="lstm",
+    )
+
+
+def two_input_classifier(
+    first_shape: tuple[int, ...],
+    second_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int = 32,
+    dtype: str | None = None,
+) -> keras.Model:
+    """A Functional model with two inputs (a dict ``{"first", "second"}``) and logits.
+
+    Each input goes through its own ``Dense`` branch; the branches are concatenated.
+
+    Example:
+        >>> model = two_input_classifier((32,), (32,), 10)
+    """
+    first = keras.Input(first_shape, name="first")
+    second = keras.Input(second_shape, name="second")
+    a = keras.layers.Dense(width, activation="relu", dtype=dtype)(keras.layers.Flatten()(first))
+    b = keras.layers.Dense(width, activation="tanh", dtype=dtype)(keras.layers.Flatten()(second))
+    h = keras.layers.Concatenate(dtype=dtype)([a, b])
+    outputs = keras.layers.Dense(num_classes, dtype=dtype)(h)
+    return keras.Model({"first": first, "second": second}, outputs, name="two_input")

@@ -9,6 +9,7 @@ from keras_curv.data.datasets import (
     default_cache_dir,
     load_dataset,
 )
+from keras_curv.data.synthetic import motif_sequences, split_halves
 
 __all__ = [
     "DATASET_NAMES",
@@ -18,4 +19,6 @@ __all__ = [
     "DatasetUnavailableError",
     "default_cache_dir",
     "load_dataset",
+    "motif_sequences",
+    "split_halves",
 ]
