@@ -12,28 +12,20 @@ import re
 
 # Optimizer.add_optimizer_variables (the optimizers' `build`) arrived in Keras 3.10.
 KERAS_FLOOR = "3.10.0"
-# Exclusive: the optimizer internals relied on are Keras 3's.
+# Exclusive: the Keras privates relied on (keras_privates.py) are Keras 3's.
 KERAS_CEILING = "4"
 # The first TensorFlow built for Keras 3 (2.15 pins keras<2.16); 2.16.0 was never on PyPI.
 TENSORFLOW_FLOOR = "2.16.1"
 
-# Dotted names the package relies on, with the release that brought each (Keras:
-# read from the 3.0 to 3.10 wheels; TensorFlow: older than the floor).
-# tests/_internal/test_versions.py checks that they all resolve in the installed
-# releases, so a release that drops one fails there, not inside `fit`.
+# Public APIs whose arrival bounds the floors, with the release that brought each
+# (Keras: read from the 3.0 to 3.10 wheels; TensorFlow: older than its floor).
+# tests/_internal/test_versions.py checks that each resolves in the installed
+# releases. The privates are pinned apart, in keras_privates and its test.
 REQUIRED_APIS: dict[str, str] = {
     "keras.optimizers.Optimizer.add_optimizer_variables": "keras 3.10",
-    "keras.optimizers.Optimizer._backend_update_step": "keras 3.1",
-    "keras.optimizers.Optimizer._distributed_tf_update_step": "keras 3.1",
-    "keras.optimizers.Optimizer._get_variable_index": "keras 3.0",
-    "keras.optimizers.Optimizer._var_key": "keras 3.0",
-    "keras.optimizers.Optimizer._get_current_learning_rate": "keras 3.0",
     "keras.optimizers.Optimizer.scale_loss": "keras 3.0",
     "keras.Model.stateless_call": "keras 3.0",
-    "keras.Model._flatten_layers": "keras 3.0",
     "keras.random.SeedGenerator": "keras 3.0",
-    "tf.__internal__.distribute.interim.maybe_merge_call": "tensorflow < 2.16",
-    "tf.__internal__.distribute.strategy_supports_no_merge_call": "tensorflow < 2.16",
     "tf.autodiff.ForwardAccumulator": "tensorflow < 2.16",
 }
 
