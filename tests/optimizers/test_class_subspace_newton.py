@@ -65,6 +65,7 @@ def numpy_csn(
     damping=0.0,
     max_inv=None,
     update_each=1,
+    momentum_on="step",
 ):
     """Eq. 15-17 (and the documented options) on a linear softmax model, step by step."""
     dim = theta.size
@@ -129,11 +130,17 @@ def numpy_csn(
         elif inverse == "exact":
             M = V.T @ np.diag(lam_eff) @ V
             P = np.eye(dim) - V.T @ np.linalg.pinv(V @ V.T) @ V
-            d = lr * P @ g + np.linalg.pinv(M) @ g
+            newton = np.linalg.pinv(M) @ g
+            d = lr * P @ g + newton
         else:
+            newton = ((V @ g) / lam_eff) @ V
             d = lr * g + ((1 / lam_eff - lr) * (V @ g)) @ V
-        buf = momentum * buf + d
-        theta = theta - buf
+        if momentum_on == "step":
+            buf = momentum * buf + d
+            theta = theta - buf
+        else:  # heavy ball on the SGD part only
+            buf = momentum * buf + (d - newton)
+            theta = theta - buf - newton
         history.append({"lam": lam, "V": V})
     return theta, history
 
@@ -251,6 +258,25 @@ def test_golden_eq_15_17(softmax):
             {"curvature": "projected_newton", "damping": 1 / float(np.float32(0.1))},
         ),
         ({"curvature": "gauss_newton", "damping": None}, {"curvature": "gauss_newton"}),
+        (
+            {"curvature": "gauss_newton", "momentum": 0.9, "momentum_on": "complement"},
+            {"curvature": "gauss_newton", "momentum": 0.9, "momentum_on": "complement"},
+        ),
+        (
+            {"inverse": "exact", "damping": 0.5, "momentum": 0.9, "momentum_on": "complement"},
+            {"inverse": "exact", "damping": 0.5, "momentum": 0.9, "momentum_on": "complement"},
+        ),
+        (
+            {"curvature": "projected_newton", "momentum": 0.9, "momentum_on": "complement"},
+            {
+                "curvature": "projected_newton",
+                "damping": 1 / float(np.float32(0.1)),
+                "momentum": 0.9,
+                "momentum_on": "complement",
+            },
+        ),
+        ({"diagnostics": True}, {}),
+        ({"curvature": "gauss_newton", "diagnostics": True}, {"curvature": "gauss_newton"}),
     ],
     ids=[
         "momentum",
@@ -262,6 +288,11 @@ def test_golden_eq_15_17(softmax):
         "projected",
         "projected-default-damping",
         "gn-default-damping",
+        "gn-momentum-complement",
+        "exact-momentum-complement",
+        "projected-momentum-complement",
+        "diagnostics-change-nothing",
+        "gn-diagnostics-change-nothing",
     ],
 )
 def test_golden_options(opt_kwargs, ref_kwargs):
