@@ -1,6 +1,6 @@
 """ClassSubspaceNewton: which variant trains, and why the paper's method diverges here.
 
-``python -m benchmarks.csn_science [--quick] [--only default,momentum,batchnorm,eigen]``
+``python -m benchmarks.csn_science [--quick | --small] [--only default,momentum,batchnorm,eigen]``
 writes ``benchmarks/results/csn_science.json`` (every run, per seed) and plots under
 ``docs/images/``; ``docs/class_subspace_newton.md`` ("What we found") reads them.
 
@@ -562,6 +562,15 @@ QUICK = {
     "batchnorm": dict(epochs=1, every=4, seeds=(0,)),
     "eigen": dict(workloads=("mlp",), epochs=1, seeds=(0,)),
 }
+# What fits about 35 minutes on a shared 2-core CPU: one seed, fewer epochs and workloads.
+SMALL = {
+    "default": dict(
+        variants=("sgd", "paper", "gauss_newton", "projected_newton"), epochs=2, seeds=(0,)
+    ),
+    "batchnorm": dict(epochs=3, every=4, seeds=(0,)),
+    "momentum": dict(workloads=("mlp", "mnist1d_mlp"), epochs=3, seeds=(0,)),
+    "eigen": dict(workloads=("mlp", "mnist1d_mlp"), epochs=3, seeds=(0,)),
+}
 STUDIES = {
     "default": default_study,
     "momentum": momentum_study,
@@ -573,6 +582,10 @@ STUDIES = {
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (minutes)")
+    parser.add_argument("--small", action="store_true", help="one seed, fewer runs (~35 min)")
+    parser.add_argument(
+        "--report", action="store_true", help="print the tables of the results JSON and exit"
+    )
     parser.add_argument("--only", default=",".join(STUDIES), help="comma-separated studies")
     parser.add_argument("--out", default=None, help=f"JSON path (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -586,16 +599,72 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else (RESULTS.with_name("csn_science_quick.json") if args.quick else RESULTS)
     )
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if args.report:
+        print(report(results))
+        return results
     for name in names:
         print(f"{name}:", flush=True)
         start = time.perf_counter()
-        results[name] = STUDIES[name](**(QUICK[name] if args.quick else {}))
+        preset = QUICK if args.quick else SMALL if args.small else {}
+        results[name] = STUDIES[name](**preset.get(name, {}))
         results[name]["seconds"] = time.perf_counter() - start
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1))
     if not args.quick:
         draw(results)
     return results
+
+
+def report(results: dict) -> str:
+    """Markdown tables of the studies in ``results`` (what the docs page quotes)."""
+    lines = []
+    for name in ("default", "momentum", "eigen"):
+        if name not in results:
+            continue
+        rows = results[name]["rows"]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        workloads = list(dict.fromkeys(r["workload"] for r in rows))
+        cell = {(r["workload"], r["variant"]): r for r in rows}
+        lines += [f"### {name} ({results[name]['epochs']} epochs; best η, loss, accuracy)", ""]
+        lines.append("| workload | " + " | ".join(variants) + " |")
+        lines.append("|---" * (len(variants) + 1) + "|")
+        for w in workloads:
+            cells = []
+            for v in variants:
+                r = cell.get((w, v))
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['best_lr']:g}: {r['final_loss_mean']:.3g}, {r['accuracy_mean']:.2f}"
+                cells.append(text + (f" ({r['diverged']} div.)" if r["diverged"] else ""))
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "batchnorm" in results:
+        lines += ["### batchnorm (seed 0; first -> last record)", ""]
+        lines.append(
+            "| run | loss | kernel norm | max cos | min eig(I − VVᵀ) | median λ/quotient |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for key, runs in results["batchnorm"]["runs"].items():
+            records = runs[0]["records"]
+            first, last = records[0], records[-1]
+
+            def show(field, record, reduce=np.median):
+                value = record.get(field)
+                if value is None:
+                    return "–"
+                return f"{float(reduce(value)) if isinstance(value, list) else value:.3g}"
+
+            lines.append(
+                f"| {key} | {show('loss', first)} → {show('loss', last)} "
+                f"| {show('kernel_norms', first, np.mean)} → {show('kernel_norms', last, np.mean)} "
+                f"| {show('max_direction_cosine', first)} → {show('max_direction_cosine', last)} "
+                f"| {show('min_complement_eigenvalue', first)} → "
+                f"{show('min_complement_eigenvalue', last)} "
+                f"| {show('curvature_over_quotient', first)} → "
+                f"{show('curvature_over_quotient', last)} |"
+            )
+    return "\n".join(lines)
 
 
 def draw(results: dict) -> None:

@@ -31,8 +31,9 @@ CURVATURES = ("paper", "gauss_newton", "projected_newton", "hessian")
 INVERSES = ("diagonal", "exact")
 DIRECTIONS = ("class", "eigen")
 MOMENTUM_ON = ("step", "complement")
-# `curvature=None` means these, per kind of directions.
-DEFAULT_CURVATURE = {"class": "paper", "eigen": "gauss_newton"}
+# `curvature=None` means these, per kind of directions: the variants that train
+# (docs/class_subspace_newton.md, "What we found"); "paper" is eq. 15-17 as published.
+DEFAULT_CURVATURE = {"class": "projected_newton", "eigen": "gauss_newton"}
 # Loss families the class-subspace curvature model (softmax cross-entropy) describes.
 _CLASSIFICATION = ("categorical", "categorical_focal")
 
@@ -50,21 +51,25 @@ class ClassSubspaceNewton(CurvatureOptimizer):
     θ ← θ − d                                             (or heavy ball on d)
     ```
 
-    ``curvature="paper"`` is eq. 15–17 exactly. Options: ``"gauss_newton"`` (the
-    Gauss–Newton Rayleigh quotients), ``"projected_newton"`` (Newton on the whole C x C
-    block, damped by 1/η by default), ``inverse="exact"`` (no orthogonality assumption),
-    ``directions="eigen"`` (the top-C eigenvectors of the batch Gauss–Newton matrix or
-    Hessian instead of the class directions), ``momentum_on="complement"`` (heavy ball
-    on the SGD part only), ``damping``, ``max_inverse_curvature``, ``update_each``. See
+    The default, ``curvature="projected_newton"``, is Newton on the whole C x C
+    Gauss–Newton block of the subspace, damped by 1/η (proximal: never longer than the
+    SGD step along the class directions); ``curvature="paper"`` is eq. 15–17 exactly.
+    Options: ``"gauss_newton"`` (the Gauss–Newton Rayleigh quotients),
+    ``inverse="exact"`` (no orthogonality assumption), ``directions="eigen"`` (the top-C
+    eigenvectors of the batch Gauss–Newton matrix or Hessian instead of the class
+    directions), ``momentum_on`` (heavy ball on the whole step or on the SGD part only,
+    the default except for ``"paper"``), ``damping``, ``max_inverse_curvature``,
+    ``update_each``. See
     ``docs/class_subspace_newton.md``.
 
     Args:
         learning_rate: η, a float or a Keras learning-rate schedule.
         gamma: EMA decay γ in (0, 1).
         momentum: Heavy-ball momentum μ in ``[0, 1)``.
-        curvature: ``"paper"`` (eq. 17), ``"gauss_newton"`` or ``"projected_newton"``
-            for class directions; ``"gauss_newton"`` or ``"hessian"`` (the operator
-            whose eigenvectors are used) for eigen directions; ``None``: ``"paper"``,
+        curvature: ``"paper"`` (eq. 17 exactly), ``"gauss_newton"`` or
+            ``"projected_newton"`` for class directions; ``"gauss_newton"`` or
+            ``"hessian"`` (the operator whose eigenvectors are used) for eigen
+            directions; ``None``: ``"projected_newton"`` (the variant that trains),
             resp. ``"gauss_newton"``.
         inverse: ``"diagonal"`` (eq. 13–15) or ``"exact"``.
         damping: δ ≥ 0 added to each λ_k (to the block for ``"projected_newton"``), or
@@ -76,7 +81,8 @@ class ClassSubspaceNewton(CurvatureOptimizer):
             vectors of the batch curvature, one warm-started subspace iteration per
             refresh, with their Rayleigh quotients as λ_k).
         momentum_on: ``"step"`` (heavy ball on d) or ``"complement"`` (heavy ball on the
-            SGD part, the Newton part added unamplified).
+            SGD part, the Newton part added unamplified); ``None``: ``"step"`` for
+            ``"paper"`` (as published), else ``"complement"``.
         diagnostics: Also measure the Gauss–Newton quotients v_kᵀ G_B v_k of the class
             directions at each refresh (for ``curvature_summary()``; C extra
             double-backward passes for ``"paper"``). Never changes the step.
@@ -107,7 +113,7 @@ class ClassSubspaceNewton(CurvatureOptimizer):
         update_each: int = 1,
         num_classes: int | None = None,
         directions: str = "class",
-        momentum_on: str = "step",
+        momentum_on: str | None = None,
         diagnostics: bool = False,
         eigen_iterations: int = 1,
         eigen_tolerance: float | None = 0.1,
@@ -138,6 +144,10 @@ class ClassSubspaceNewton(CurvatureOptimizer):
         self.num_classes = validation.integer(
             num_classes, "num_classes", minimum=2, allow_none=True
         )
+        if momentum_on is None:
+            # The paper's heavy ball is on the whole step; elsewhere the Newton part is
+            # kept out of the buffer (1/(1 - mu) times a Newton step overshoots).
+            momentum_on = "step" if self.curvature == "paper" else "complement"
         self.momentum_on = validation.choice(momentum_on, "momentum_on", MOMENTUM_ON)
         if not isinstance(diagnostics, bool):
             raise ValueError(f"`diagnostics` must be True or False; got {diagnostics!r}.")

@@ -66,7 +66,13 @@ def numpy_eigen(theta, block, batches, *, lr, damping, iterations, tolerance, mo
     "kwargs",
     [
         {"damping": 0.3, "eigen_iterations": 1, "eigen_tolerance": None},
-        {"damping": 0.0, "eigen_iterations": 3, "eigen_tolerance": 0.2, "momentum": 0.5},
+        {
+            "damping": 0.0,
+            "eigen_iterations": 3,
+            "eigen_tolerance": 0.2,
+            "momentum": 0.5,
+            "momentum_on": "step",
+        },
     ],
     ids=["damped-1-pass", "newton-3-passes-gated"],
 )
