@@ -29,6 +29,7 @@ REQUIRED_PAGES = (
     "compatibility.md",
     "api.md",
     "benchmarks.md",
+    "arena.md",
     "changelog.md",
 )
 
