@@ -199,9 +199,8 @@ class Shampoo(keras.optimizers.Optimizer):
     def _schedule(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """``(t, refresh, precondition)``: the update step counted from 1, whether it
         recomputes the roots, and whether it uses the Shampoo direction."""
+        # Keras's `iterations` counts update steps (micro-batches over the accumulation).
         count = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
-        if self.gradient_accumulation_steps:
-            count = count // self.gradient_accumulation_steps
         since = count - self._start
         refresh = tf.logical_and(since >= 0, tf.math.floormod(since, self.precondition_every) == 0)
         return count + 1, refresh, since >= 0
@@ -313,7 +312,7 @@ class Shampoo(keras.optimizers.Optimizer):
         sizes = [int(np.prod(v.shape)) for v in self._trainable_variables]
         covered = sum(n for n, s in zip(sizes, self._shapes) if s is not None)
         # Roots were computed at update steps start, start + k, ... below the count.
-        since = self._schedule_count() - self._start
+        since = int(np.asarray(self.iterations)) - self._start
         updates = 0 if since <= 0 else (since - 1) // self.precondition_every + 1
         return {
             "statistics_log10_condition_per_variable": tf.constant(conditions, tf.float32),
@@ -321,11 +320,6 @@ class Shampoo(keras.optimizers.Optimizer):
             "root_updates": tf.constant(float(updates), tf.float32),
             "skipped_steps": tf.cast(self._skipped_steps, tf.float32),
         }
-
-    def _schedule_count(self) -> int:
-        """Update steps applied so far (``iterations`` over gradient accumulation)."""
-        count = int(np.asarray(self.iterations))
-        return count // (self.gradient_accumulation_steps or 1)
 
     def get_config(self) -> dict:
         config = super().get_config()

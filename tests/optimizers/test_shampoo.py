@@ -91,3 +91,172 @@ def test_golden_values_through_fit(case):
         for block, held in zip(state.blocks, roots):
             for r, h in zip(block["roots"], held):
                 np.testing.assert_allclose(h.numpy(), r, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------ Keras's features
+
+
+def _regression(n=24, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 2, 3, 2)), rng.normal(size=(n, 3))
+
+
+def _fit64(opt, *, epochs=2, batch=4, x=None, t=None, **compile_kwargs):
+    """The two-layer model of the golden test, trained in float64; returns it."""
+    x, t = _regression() if x is None else (x, t)
+    with float64_everywhere():
+        model = _two_layers()
+        model.compile(optimizer=opt, loss="mse", **compile_kwargs)
+        model.fit(x, t, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+def _assert_same_weights(a, b, atol=1e-12):
+    for p, q in zip(a.weights, b.weights):
+        np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=0, atol=atol)
+
+
+def _small(**kwargs):
+    """Roots from step 1 and every 2 steps, blocks of 4. ε 1e-6, not 1e-12: where two runs
+    are compared, rounding differences in near-null eigenvalues stay small in the roots.
+    lr 0.0625 is exact in float32, the dtype of Keras's learning-rate variable when the
+    optimizer is made outside float64_everywhere."""
+    settings = {
+        "learning_rate": 0.0625, "epsilon": 1e-6, "precondition_every": 2,
+        "start_preconditioning_step": 1, "block_size": 4,
+    }  # fmt: skip
+    return Shampoo(**{**settings, **kwargs})
+
+
+def test_jit_compile_and_steps_per_execution_equal_graph_mode():
+    graph = _fit64(_small())
+    xla = _fit64(_small(), jit_compile=True, steps_per_execution=3)
+    assert int(xla.optimizer.iterations) == 12
+    # XLA's eigh is a Jacobi method that stops early: its float64 eigenvectors are good to
+    # ~1e-10..1e-7 (LAPACK's to 1e-15), amplified in the roots of near-null eigenvalues.
+    # A wrong schedule or update differs by 1e-2.
+    _assert_same_weights(graph, xla, atol=1e-5)
+    assert (
+        max(
+            np.max(np.abs(a.numpy() - b.numpy()))
+            for a, b in zip(graph.weights, _two_layers().weights)
+        )
+        > 0.1
+    )
+
+
+def test_hand_written_loop_with_apply_gradients_equals_fit():
+    x, t = _regression()
+    fitted = _fit64(_small(), epochs=1)
+    with float64_everywhere():
+        model = _two_layers()
+        opt = _small()
+        loss = keras.losses.MeanSquaredError()
+
+        @tf.function
+        def train_step(xb, tb):
+            with tf.GradientTape() as tape:
+                value = loss(tb, model(xb))
+            grads = tape.gradient(value, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        for s in range(0, len(x), 4):
+            train_step(tf.constant(x[s : s + 4]), tf.constant(t[s : s + 4]))
+    _assert_same_weights(fitted, model)
+    assert int(opt.iterations) == 6
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """Two accumulated batches of 4 are one batch of 8: roots are refreshed on the same
+    update steps (the schedule counts updates, not micro-batches)."""
+    big = _fit64(_small(), batch=8, epochs=3)
+    accumulated = _fit64(_small(gradient_accumulation_steps=2), batch=4, epochs=3)
+    _assert_same_weights(big, accumulated, atol=1e-12)
+    assert int(accumulated.optimizer.iterations) == 9  # Keras counts the updates
+
+
+def test_sample_weights_and_regularization_reach_the_statistics():
+    """Keras folds both into the gradient; the statistics must see that gradient."""
+    x, t = _regression()
+    weights = np.where(np.arange(len(x)) % 2 == 0, 2.0, 0.5)
+    with float64_everywhere():
+        runs = []
+        for sample_weight, l2 in (
+            (None, None),
+            (weights, None),
+            (None, keras.regularizers.L2(0.1)),
+        ):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [keras.Input((2, 3, 2)), Tensor4(), keras.layers.Dense(3, kernel_regularizer=l2)]
+            )
+            opt = _small()
+            model.compile(optimizer=opt, loss="mse")
+            model.fit(x, t, sample_weight=sample_weight, batch_size=24, epochs=1, verbose=0)
+            runs.append(opt.statistics[2][0][0].numpy())
+    # One full-batch step: L = (1 − β₂) G Gᵀ of that step's gradient; all three differ.
+    assert not np.allclose(runs[0], runs[1]) and not np.allclose(runs[0], runs[2])
+
+
+def test_clipnorm_clips_the_gradient_the_statistics_see():
+    x, t = _regression()
+    with float64_everywhere():
+        model = _two_layers()
+        with tf.GradientTape() as tape:
+            value = keras.losses.MeanSquaredError()(t, model(x))
+        grads = [g.numpy() for g in tape.gradient(value, model.trainable_variables)]
+        opt = Shampoo(0.05, beta_2=0.5, clipnorm=1e-3)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, t, batch_size=24, epochs=1, verbose=0)
+    g = grads[2] * 1e-3 / np.linalg.norm(grads[2])  # the Dense kernel, clipped alone
+    left, right = opt.statistics[2][0]
+    np.testing.assert_allclose(left.numpy(), 0.5 * g @ g.T, rtol=1e-10)
+    np.testing.assert_allclose(right.numpy(), 0.5 * g.T @ g, rtol=1e-10)
+
+
+def test_learning_rate_schedule():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [0.0625, 0.0])
+    x, t = _regression()
+    four = _fit64(_small(learning_rate=schedule), epochs=1, x=x[:16], t=t[:16])
+    six = _fit64(_small(learning_rate=schedule), epochs=1)
+    # Steps 0..3 use lr 0.0625 (the schedule reads the step before it is counted), then 0.
+    _assert_same_weights(four, six, atol=0)
+    assert (
+        max(
+            np.max(np.abs(a.numpy() - b.numpy()))
+            for a, b in zip(six.weights, _two_layers().weights)
+        )
+        > 0.1
+    )
+
+
+def test_ema_leaves_training_alone_and_is_swapped_in_at_the_end():
+    plain = _fit64(_small())
+    averaged = _fit64(_small(use_ema=True, ema_momentum=0.5))
+    for a, b in zip(plain.optimizer.statistics, averaged.optimizer.statistics):
+        for p, q in zip(sum(a, []), sum(b, [])):
+            np.testing.assert_array_equal(p.numpy(), q.numpy())
+    # fit ends by swapping the averages in (Keras's finalize_variable_values).
+    assert not np.allclose(averaged.weights[0].numpy(), plain.weights[0].numpy())
+    assert all(np.all(np.isfinite(w.numpy())) for w in averaged.weights)
+
+
+def test_weights_of_rank_below_two_use_grafting_alone():
+    """Bias and scale: exactly Adam's normalised gradient with momentum on it."""
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(8, 3)), rng.normal(size=(8, 3))
+    with float64_everywhere():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.LayerNormalization()])
+        w = [v.numpy() for v in model.trainable_variables]
+        opt = Shampoo(0.1, beta_1=0.5, start_preconditioning_step=0)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, t, batch_size=8, epochs=1, verbose=0)
+    assert opt.preconditioner_shapes() == [None, None] and opt.statistics == [[], []]
+    hp = {**_HP, "lr": 0.1, "beta_1": 0.5, "beta_2": 0.999, "start": 0}
+    xn = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-3)
+    dy = 2 * (xn * w[0] + w[1] - t) / t.size
+    grads = [(dy * xn).sum(0), dy.sum(0)]
+    for v, wi, g in zip(model.trainable_variables, w, grads):
+        state = reference.VariableState(wi.shape, None, 1024)
+        np.testing.assert_allclose(v.numpy(), reference.step(state, wi, g, 0, hp), rtol=1e-10)
