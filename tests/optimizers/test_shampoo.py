@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_curv.callbacks import SkippedSteps
+from keras_curv.models import small_cnn
 from keras_curv.optimizers import Shampoo
 from tests.conftest import float64_everywhere
 from tests.optimizers import _shampoo_reference as reference
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 class Tensor4(keras.layers.Layer):
@@ -260,3 +264,157 @@ def test_weights_of_rank_below_two_use_grafting_alone():
     for v, wi, g in zip(model.trainable_variables, w, grads):
         state = reference.VariableState(wi.shape, None, 1024)
         np.testing.assert_allclose(v.numpy(), reference.step(state, wi, g, 0, hp), rtol=1e-10)
+
+
+# ------------------------------------------------------- non-finite steps, resume
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_nan_batch_is_skipped_without_touching_weights_or_state(jit):
+    x, t = _regression(n=16)
+    x[9, 0, 0, 0] = np.nan  # the third batch of 4
+    snapshots = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: snapshots.append(
+            (
+                [w.numpy().copy() for w in model.weights],
+                {v.path: np.asarray(v).copy() for v in model.optimizer.variables},
+            )
+        )
+    )
+    with float64_everywhere():
+        model = _two_layers()
+        model.compile(optimizer=_small(start_preconditioning_step=0), loss="mse", jit_compile=jit)
+        with pytest.warns(RuntimeWarning, match="1 training step"):
+            model.fit(
+                x, t, batch_size=4, shuffle=False, verbose=0, callbacks=[SkippedSteps(), record]
+            )
+    opt = model.optimizer
+    assert int(opt.skipped_steps) == 1 and int(opt.iterations) == 3
+    (w_before, s_before), (w_after, s_after) = snapshots[1], snapshots[2]
+    for a, b in zip(w_before, w_after):
+        np.testing.assert_array_equal(a, b)
+    changed = [p for p in s_after if not np.array_equal(s_after[p], s_before[p])]
+    assert changed == [opt.skipped_steps.path]
+    assert not np.array_equal(snapshots[3][0][0], w_after[0])  # training goes on
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in [*model.weights, *opt.variables])
+    assert float(opt.curvature_summary()["skipped_steps"]) == 1.0
+
+
+def test_save_load_and_backup_and_restore_resume_equal_uninterrupted(tmp_path):
+    x, t = _regression(n=16)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("simulated preemption")
+
+    def run(epochs, callbacks=(), model=None):
+        with float64_everywhere():
+            if model is None:
+                model = _two_layers()
+                model.compile(optimizer=_small(precondition_every=3), loss="mse")
+            try:
+                model.fit(x, t, batch_size=4, epochs=epochs, shuffle=False, verbose=0,
+                          callbacks=list(callbacks))  # fmt: skip
+            except RuntimeError as error:
+                assert "preemption" in str(error)
+        return model
+
+    straight = run(5)
+    # .keras save and load after 2 epochs (8 steps: roots from steps 1, 4, 7), 3 more.
+    first = run(2)
+    path = str(tmp_path / "shampoo.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path, custom_objects={"Tensor4": Tensor4})
+    assert isinstance(loaded.optimizer, Shampoo)
+    assert loaded.optimizer.get_config() == first.optimizer.get_config()
+    for a, b in zip(loaded.optimizer.variables, first.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed = run(3, model=loaded)
+    # BackupAndRestore: interrupted at epoch 2, resumed by a fresh model and optimizer.
+    backup = str(tmp_path / "backup")
+    run(5, [keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    restored = run(5, [keras.callbacks.BackupAndRestore(backup)])
+    for model in (resumed, restored):
+        assert int(model.optimizer.iterations) == 20
+        _assert_same_weights(straight, model, atol=1e-12)
+        for a, b in zip(straight.optimizer.variables, model.optimizer.variables):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_statistics_in_float32_and_trains(policy):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.data[:384] / 16.0).reshape(-1, 8, 8, 1).astype("float32"), digits.target[:384]
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = small_cnn((8, 8, 1), 10)
+        model.compile(optimizer=Shampoo(3e-3), loss=LOSS)
+        history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    opt = model.optimizer
+    if policy == "mixed_float16":
+        assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        opt = opt.inner_optimizer
+    state = [v for blocks in opt.statistics + opt.inverse_roots for b in blocks for v in b]
+    assert state and all(v.dtype == "float32" for v in state)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in [*state, *model.weights])
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+# ------------------------------------------------------------ arguments, config
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"beta_1": 1.0}, "beta_1"),
+        ({"beta_2": -0.1}, "beta_2"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"precondition_every": 0}, "precondition_every"),
+        ({"precondition_every": 10.0}, "precondition_every"),
+        ({"start_preconditioning_step": -1}, "start_preconditioning_step"),
+        ({"start_preconditioning_step": True}, "start_preconditioning_step"),
+        ({"block_size": 0}, "block_size"),
+        ({"grafting": "adagrad"}, "grafting"),
+        ({"grafting_epsilon": -1e-8}, "grafting_epsilon"),
+        ({"merge_small_axes": 1}, "merge_small_axes"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Shampoo(**kwargs)
+
+
+def test_config_round_trip_and_summary():
+    opt = Shampoo(learning_rate=0.2, beta_1=0.8, beta_2=0.99, epsilon=1e-8, precondition_every=3,
+                  start_preconditioning_step=0, block_size=64, grafting="sgd",
+                  merge_small_axes=False, weight_decay=0.01, clipnorm=1.0)  # fmt: skip
+    again = Shampoo.from_config(opt.get_config())
+    assert again.get_config() == opt.get_config()
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(restored, Shampoo) and restored.get_config() == opt.get_config()
+    assert Shampoo().get_config()["start_preconditioning_step"] is None
+
+    x, t = _regression(n=16)
+    model = _fit64(_small(precondition_every=3), epochs=1, x=x, t=t)  # 4 steps: roots at 1
+    summary = {k: np.asarray(v) for k, v in model.optimizer.curvature_summary().items()}
+    assert summary["root_updates"] == 1.0 and summary["skipped_steps"] == 0.0
+    np.testing.assert_allclose(summary["preconditioned_fraction"], (60 + 15) / (60 + 5 + 15 + 3))
+    condition = summary["statistics_log10_condition_per_variable"]
+    assert condition.shape == (4,) and condition[1] == condition[3] == 0.0
+    for index in (0, 2):
+        values = [
+            np.linalg.eigvalsh(s.numpy()) for b in model.optimizer.statistics[index] for s in b
+        ]
+        expected = max(np.log10(v[-1] / max(v[0], 1e-6 * v[-1])) for v in values)
+        np.testing.assert_allclose(condition[index], expected, rtol=1e-5)
+        assert 0.5 < condition[index] <= 6.0
