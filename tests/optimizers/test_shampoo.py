@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from keras_curv.models import small_cnn
 from keras_curv.optimizers import Shampoo
 from tests.conftest import float64_everywhere
 from tests.optimizers import _shampoo_reference as reference
+from tests.optimizers._fresh_process import json_reports
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -418,3 +421,34 @@ def test_config_round_trip_and_summary():
         expected = max(np.log10(v[-1] / max(v[0], 1e-6 * v[-1])) for v in values)
         np.testing.assert_allclose(condition[index], expected, rtol=1e-5)
         assert 0.5 < condition[index] <= 6.0
+
+
+# ------------------------------------------------------------------- distribution
+
+
+@pytest.mark.slow
+def test_two_replicas_equal_one_device_in_a_fresh_process():
+    """MirroredStrategy over 2 logical CPUs == 1 device on the same global batches.
+
+    The statistics are built from the all-reduced gradient, so both replicas hold the same
+    statistics and roots. Tolerances: float64 tight; float32 and mixed precision to the
+    roots' accuracy u / ε (see the case script) and the policies' rounding.
+    """
+    script = os.path.join(os.path.dirname(__file__), "_shampoo_distributed_case.py")
+    tolerance = {
+        "shampoo_f64": 1e-12, "shampoo_sgd_weighted_decay": 1e-12,
+        "shampoo_loss_scaled_f64": 1e-12, "shampoo_f32": 1e-4,
+        "shampoo_mixed_float16": 1e-2, "shampoo_mixed_bfloat16": 0.1,
+    }  # fmt: skip
+    # Two processes side by side (tracing dominates).
+    groups = [[c for c in tolerance if "f64" in c or "decay" in c]]
+    groups.append([c for c in tolerance if c not in groups[0]])
+    report = {}
+    for part in json_reports(script, groups, timeout=900):
+        report.update(part)
+    assert set(report) == set(tolerance)
+    for case, result in report.items():
+        assert result["num_replicas"] == 2 and result["iterations"] == [6, 6], case
+        assert result["replicas_agree"] and result["finite"], case
+        assert result["moved"] > 0.05, case
+        assert result["abs"] < tolerance[case] * max(1.0, result["moved"]), (case, result)
