@@ -34,6 +34,12 @@ from keras_curv.optimizers.shampoo_math import (
 GRAFTING = ("adam", "sgd", "none")
 
 
+def _squared_norm(gradient: Any) -> tf.Tensor:
+    """``‖g‖²`` in the statistics' dtype (of the values of an ``IndexedSlices``)."""
+    values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+    return tf.reduce_sum(tf.square(tf.cast(values, curvature_dtype(values.dtype))))
+
+
 @keras.saving.register_keras_serializable(package="keras_curv")
 class Shampoo(keras.optimizers.Optimizer):
     r"""Shampoo: per-axis Kronecker-factored preconditioning, grafted onto Adam's step size.
@@ -139,7 +145,9 @@ class Shampoo(keras.optimizers.Optimizer):
             if shape is None:
                 continue
             dtype = curvature_dtype(variable.dtype)
-            prefix = variable.path.replace("/", "_")
+            # As Keras names slots (a plain tf.Variable has a name but no path).
+            prefix = str(getattr(variable, "path", variable.name))
+            prefix = prefix.replace("/", "_").replace(":", "_")
             for b, sizes in enumerate(block_shapes(shape, self.block_size)):
                 self._statistics[-1].append(
                     [
@@ -182,7 +190,8 @@ class Shampoo(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ apply
 
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
-        """Keras's ``apply``, skipped (and counted) when a gradient is not finite on any replica."""
+        """Keras's ``apply``, skipped (and counted) when a gradient or its squared norm is not
+        finite on some replica."""
         grads = list(grads)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
@@ -191,7 +200,10 @@ class Shampoo(keras.optimizers.Optimizer):
                     self.build(trainable_variables)
         if not self.built:
             return super().apply(grads, trainable_variables)  # raises Keras's error
-        finite = distribute.all_finite_on_every_replica(grads)
+        # ‖g‖² finite means every entry of every G_(k) G_(k)ᵀ is, and so are the
+        # statistics (convex combinations of finite values); NaN and inf show up there too.
+        squares = [None if g is None else _squared_norm(g) for g in grads]
+        finite = distribute.all_finite_on_every_replica(squares)
         distribute.apply_or_skip(
             finite, super().apply, (grads, trainable_variables), self._skipped_steps
         )
@@ -249,7 +261,8 @@ class Shampoo(keras.optimizers.Optimizer):
             for stats, block_roots in zip(new_statistics, roots):
                 for statistic, root in zip(stats, block_roots):
                     value = inverse_root(statistic, 2 * len(shape), self.epsilon, correction)
-                    finite = tf.reduce_all(tf.math.is_finite(value))
+                    # Belt and braces: the skip rule in `apply` keeps both finite.
+                    finite = distribute.all_finite([statistic, value])
                     self.assign(root, tf.where(finite, value, tf.convert_to_tensor(root)))
             return tf.constant(True)
 

@@ -128,7 +128,8 @@ def inverse_root(statistic: Any, exponent: int, epsilon: float, correction: Any 
     regularised by ``ε`` times the largest one, so the result is finite for any
     finite statistic: rank-deficient, all-zero (then ``ε I`` with ``λ_max := 1``),
     or of any scale. The powers are taken as ``λ_max^(−1/e) (λ/λ_max + ε)^(−1/e)``,
-    which neither underflows nor overflows where ``ε λ_max`` would.
+    which neither underflows nor overflows where ``ε λ_max`` would. A statistic with a
+    non-finite entry is replaced by ``I`` (``eigh`` would raise).
 
     Args:
         statistic: ``L`` (``n × n``); only its lower triangle is read.
@@ -141,6 +142,9 @@ def inverse_root(statistic: Any, exponent: int, epsilon: float, correction: Any 
     """
     statistic = tf.convert_to_tensor(statistic)
     dtype = statistic.dtype
+    # eigh raises on non-finite input (and would stop training): the identity instead.
+    finite = tf.reduce_all(tf.math.is_finite(statistic))
+    statistic = tf.where(finite, statistic, tf.eye(tf.shape(statistic)[0], dtype=dtype))
     values, vectors = tf.linalg.eigh(statistic / tf.cast(correction, dtype))
     largest = tf.reduce_max(values)
     scale = tf.where(largest > 0, largest, tf.ones_like(largest))

@@ -452,3 +452,16 @@ def test_two_replicas_equal_one_device_in_a_fresh_process():
         assert result["replicas_agree"] and result["finite"], case
         assert result["moved"] > 0.05, case
         assert result["abs"] < tolerance[case] * max(1.0, result["moved"]), (case, result)
+
+
+def test_gradient_whose_square_overflows_is_skipped_in_eager_apply_gradients():
+    """1e20 is finite in float32, 1e40 (its square) is not: the statistics would be inf."""
+    w = tf.Variable(tf.ones((3, 2)))
+    opt = Shampoo(0.1, start_preconditioning_step=0)
+    opt.apply_gradients([(tf.fill((3, 2), 1e20), w)])
+    assert int(opt.skipped_steps) == 1 and int(opt.iterations) == 0
+    np.testing.assert_array_equal(w.numpy(), np.ones((3, 2)))
+    assert all(np.all(np.asarray(s) == 0) for s in opt.statistics[0][0])
+    opt.apply_gradients([(tf.constant([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), w)])
+    assert int(opt.iterations) == 1 and not np.allclose(w.numpy(), 1.0)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in opt.variables)
