@@ -285,7 +285,7 @@ def test_csn_underflowing_curvature_takes_no_infinite_step():
     model.compile(optimizer=ClassSubspaceNewton(lr), loss=loss)
     model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
     opt = model.optimizer
-    curvature = opt.curvature.numpy()
+    curvature = opt.class_curvatures.numpy()
     assert curvature[0] == 0.0 and np.all(curvature[1:] > 0)
     theta1 = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
     assert np.all(np.isfinite(theta1))
