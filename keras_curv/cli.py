@@ -38,7 +38,7 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo
 
     return {
         "sgd": OptimizerPreset(
@@ -49,6 +49,11 @@ def _presets() -> dict[str, OptimizerPreset]:
         "adam": OptimizerPreset("Adam", 3e-3, lambda lr, seed: keras.optimizers.Adam(lr)),
         "adahessian": OptimizerPreset(
             "AdaHessian (its defaults)", 0.15, lambda lr, seed: AdaHessian(lr, seed=seed)
+        ),
+        "shampoo": OptimizerPreset(
+            "Shampoo, Adam grafting, roots every 10 steps (the adam preset's rate)",
+            3e-3,
+            lambda lr, seed: Shampoo(lr),
         ),
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
@@ -65,12 +70,14 @@ def _presets() -> dict[str, OptimizerPreset]:
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn")
+OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
   adam        Adam, lr 3e-3
   adahessian  AdaHessian with its defaults, lr 0.15
+  shampoo     Shampoo with its defaults (Adam grafting, inverse roots every 10 steps),
+              lr 3e-3 as the adam preset: grafting gives it Adam's step size
   csn         ClassSubspaceNewton as in the paper: curvature="paper" (eq. 17), lr 0.1,
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,

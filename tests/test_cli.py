@@ -201,3 +201,13 @@ def test_unavailable_dataset_exits_2_with_one_line(command, tmp_path, capsys, mo
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "digits" in err and "mnist1d" in err
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_compare_offers_shampoo(tmp_path):
+    args = ["compare", "--optimizers", "shampoo,adam", "--epochs", "1", "--max-train", "256",
+            "--max-test", "64", "--logdir", str(tmp_path)]  # fmt: skip
+    result = cli.run_compare(cli._parser().parse_args(args))
+    shampoo = result["optimizers"]["shampoo"]
+    assert shampoo["learning_rate"] == 3e-3
+    assert math.isfinite(shampoo["final"]["loss"])
+    assert shampoo["history"]["loss"][0] < 2.4  # ln 10 ≈ 2.30 at chance
