@@ -57,3 +57,31 @@ def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
     return [
         tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)
     ]
+
+
+def variable_positions(variables: Sequence, block: Sequence | None) -> list[int]:
+    """Positions in ``variables`` of the ``block`` variables (all when ``None``), in order.
+
+    Raises:
+        ValueError: an empty block, or a block variable that is not among ``variables``.
+    """
+    if block is None:
+        return list(range(len(variables)))
+    wanted = {id(v) for v in block}
+    if not wanted:
+        raise ValueError("`variables` is empty: a block needs at least one trainable variable.")
+    positions = [i for i, v in enumerate(variables) if id(v) in wanted]
+    if len(positions) != len(wanted):
+        known = {id(v) for v in variables}
+        missing = [getattr(v, "path", getattr(v, "name", "?")) for v in block if id(v) not in known]
+        raise ValueError(
+            f"`variables` must be trainable variables of the model; not among them: {missing}."
+        )
+    return positions
+
+
+def variable_ranges(variables: Sequence, block: Sequence) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` flat index ranges of the ``block`` variables within ``variables``."""
+    sizes = [int(np.prod(shape)) for shape in variable_shapes(variables)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [(int(starts[i]), int(starts[i + 1])) for i in variable_positions(variables, block)]
