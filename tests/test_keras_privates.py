@@ -168,3 +168,23 @@ def test_loss_scale_optimizer_calls_the_inner_optimizer_in_a_merge_call():
     """With merge_call, TrainBatch.replicas sums the statistics in the step graph."""
     source = inspect.getsource(keras.optimizers.LossScaleOptimizer._tf_apply)
     assert "merge_call" in source and "call_for_each_replica" in source
+
+
+def test_applied_steps_counts_every_applied_batch_under_accumulation():
+    variable = keras.Variable(np.ones(2))
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    optimizer.build([variable])
+    for _ in range(3):
+        optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer).numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_loss_scale_optimizer_skips_without_advancing_the_step_counter():
+    variable = keras.Variable(np.ones(2))
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    optimizer.apply([tf.constant([np.inf, 1.0])], [variable])
+    optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer.inner_optimizer).numpy()) == 1
+    assert optimizer.iterations is optimizer.inner_optimizer.iterations

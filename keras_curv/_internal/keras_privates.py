@@ -107,6 +107,16 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
     return optimizer._get_variable_index(variable)
 
 
+def applied_steps(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The optimizer's raw step counter: one per applied ``apply`` call (a variable).
+
+    ``optimizer.iterations`` is this counter divided by ``gradient_accumulation_steps``
+    when accumulation is on; ``SkippedSteps`` needs one count per batch that updated.
+    A step skipped by a ``LossScaleOptimizer`` or a keras-curv optimizer leaves it as is.
+    """
+    return optimizer._iterations
+
+
 def calling_models(start_depth: int = 2) -> Iterator[keras.Model]:
     """The ``keras.Model`` instances among the receivers (``self``) of the callers.
 

@@ -31,6 +31,7 @@ from keras_curv.curvature.operators import (
     LinearOperator,
 )
 from keras_curv.curvature.spectral_density import SpectralDensity, spectral_density
+from keras_curv.curvature.stability import stability_threshold
 from keras_curv.curvature.structured import (
     BlockDiagonalOperator,
     DiagonalOperator,
@@ -70,6 +71,7 @@ __all__ = [
     "lanczos",
     "principal_angles",
     "spectral_density",
+    "stability_threshold",
     "subspace_overlap",
     "top_eigenpairs",
 ]
