@@ -171,7 +171,7 @@ def test_loss_scale_optimizer_calls_the_inner_optimizer_in_a_merge_call():
 
 
 def test_applied_steps_counts_every_applied_batch_under_accumulation():
-    variable = keras.Variable(np.ones(2))
+    variable = keras.Variable(np.ones(2, "float32"))
     optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
     optimizer.build([variable])
     for _ in range(3):
@@ -181,7 +181,7 @@ def test_applied_steps_counts_every_applied_batch_under_accumulation():
 
 
 def test_loss_scale_optimizer_skips_without_advancing_the_step_counter():
-    variable = keras.Variable(np.ones(2))
+    variable = keras.Variable(np.ones(2, "float32"))
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
     optimizer.build([variable])
     optimizer.apply([tf.constant([np.inf, 1.0])], [variable])
