@@ -188,3 +188,23 @@ def test_loss_scale_optimizer_skips_without_advancing_the_step_counter():
     optimizer.apply([tf.ones(2)], [variable])
     assert int(kp.applied_steps(optimizer.inner_optimizer).numpy()) == 1
     assert optimizer.iterations is optimizer.inner_optimizer.iterations
+
+
+@pytest.mark.parametrize(
+    "optimizer, kind, slots",
+    [
+        (keras.optimizers.Adam(amsgrad=True), "adam", ("velocity", "velocity_hat")),
+        (keras.optimizers.AdamW(), "adam", ("velocity",)),
+        (keras.optimizers.RMSprop(centered=True), "rmsprop", ("velocity", "average_gradient")),
+    ],
+)
+def test_optimizer_slots_follow_the_variables(optimizer, kind, slots):
+    variables = [keras.Variable(np.ones(3, "float32")), keras.Variable(np.ones(2, "float32"))]
+    optimizer.build(variables)
+    optimizer.apply([tf.fill([3], 2.0), tf.fill([2], 3.0)], variables)
+    for slot in slots:
+        found = kp.optimizer_slots(optimizer, kind, slot)
+        assert [tuple(v.shape) for v in found] == [(3,), (2,)]
+    velocity = kp.optimizer_slots(optimizer, kind, "velocity")
+    rho = optimizer.beta_2 if kind == "adam" else optimizer.rho
+    np.testing.assert_allclose(velocity[1].numpy(), (1 - rho) * 9.0, rtol=1e-6)
