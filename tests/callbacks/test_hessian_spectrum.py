@@ -50,9 +50,11 @@ def test_history_and_progress_bar_see_the_values(capsys):
     model.compile(loss=XENT, optimizer="sgd")
     cb = HessianSpectrum((x, y), every_n_epochs=1)
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=2, callbacks=[cb])
-    assert set(history.history) == {"loss", "top_eigenvalue", "hessian_trace"}
+    expected = {"loss", "top_eigenvalue", "hessian_trace", "sharpness", "sharpness_x_lr"}
+    assert set(history.history) == expected
     out = capsys.readouterr().out
-    assert "top_eigenvalue:" in out and "hessian_trace:" in out
+    assert "top_eigenvalue:" in out and "hessian_trace:" in out and "sharpness_x_lr:" in out
+    assert "HessianSpectrum: measures every 1 epoch(s)" in out
 
 
 def test_summaries_coexist_with_keras_tensorboard(tmp_path, needs_tensorboard):
