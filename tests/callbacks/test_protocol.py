@@ -71,3 +71,39 @@ def test_bad_summaries_raise(summary, match):
 def test_directions_must_be_c_by_dim(directions):
     with pytest.raises(ValueError, match=r"\(C, dim\) array with dim=5"):
         optimizer_directions(_model(Reporting(directions=directions)), 5)
+
+
+def test_long_vectors_are_summarised_by_few_scalars():
+    per_variable = np.arange(1.0, 41.0)  # e.g. one value per variable of a large model
+    scalars, histograms = optimizer_summary(_model(Reporting({"rms": per_variable})))
+    assert scalars == {
+        "optimizer/rms_min": 1.0,
+        "optimizer/rms_mean": 20.5,
+        "optimizer/rms_max": 40.0,
+    }
+    np.testing.assert_array_equal(histograms["optimizer/rms"], per_variable)
+
+
+class Preconditioned(keras.optimizers.SGD):
+    def __init__(self, operator, threshold=None, **kwargs):
+        super().__init__(**kwargs)
+        self._operator, self._threshold = operator, threshold
+
+    def preconditioner(self):
+        return self._operator
+
+    def stability_threshold(self):
+        return self._threshold
+
+
+def test_preconditioner_protocol_is_read_and_checked():
+    from keras_curv.callbacks._protocol import optimizer_preconditioning
+    from keras_curv.curvature import DiagonalOperator
+
+    found = optimizer_preconditioning(_model(Preconditioned(DiagonalOperator([1.0, 2.0]), 3.0)), 2)
+    assert found.threshold == 3.0 and not found.identity
+    assert optimizer_preconditioning(_model(Preconditioned(None)), 2) is None
+    with pytest.raises(ValueError, match="LinearOperator of dim=3"):
+        optimizer_preconditioning(_model(Preconditioned(DiagonalOperator([1.0, 2.0]))), 3)
+    with pytest.raises(ValueError, match="positive number"):
+        optimizer_preconditioning(_model(Preconditioned(DiagonalOperator([1.0, 2.0]), -1.0)), 2)
