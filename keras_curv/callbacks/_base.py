@@ -192,8 +192,13 @@ class CurvatureCallback(keras.callbacks.Callback):
                 than as a layer's shape error in the middle of training).
         """
         first = self.probe.batches[0]
-        values = [v.value for v in self.model.trainable_variables]
         try:
+            if not self.model.built:
+                # A subclassed model whose layers Keras built symbolically is not marked
+                # built, and stateless_call refuses it; one call marks it (its variables
+                # exist already, so nothing is created and no random number is drawn).
+                self.model(first.x)
+            values = [v.value for v in self.model.trainable_variables]
             return stateless_outputs(self.model, values, first.x, False)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             raise ValueError(

@@ -183,6 +183,20 @@ class SubspaceAlignment(CurvatureCallback):
         self._warned_degenerate: set[str] = set()
         self.num_classes = num_classes
         self._class_gradients = class_gradients_for(self.model, self.training)
+        if self.writer is not None:
+            c = num_classes
+            self.writer.add_charts(
+                "keras-curv: alignment",
+                {
+                    f"combined rank of [V, E] ({c}: one span, {2 * c}: disjoint)": [
+                        "^alignment/(optimizer_)?combined_rank$"
+                    ],
+                    "assignment cosine, subspace overlap, gradient fraction": [
+                        "^alignment/(optimizer_)?"
+                        "(assignment_cosine|subspace_overlap|gradient_fraction)$"
+                    ],
+                },
+            )
 
     def _expected_products(self) -> tuple[int, int]:
         # Cold Lanczos about 3k products; the class-gradient Jacobian has C rows (C
