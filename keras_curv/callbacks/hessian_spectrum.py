@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_curv._internal.flat import variable_ranges
 from keras_curv._internal.optimizer import model_optimizer
 from keras_curv._internal.validation import integer
 from keras_curv.callbacks._base import CurvatureCallback, eigensolver_args
@@ -53,9 +54,10 @@ class HessianSpectrum(CurvatureCallback):
       along the top eigenvectors, overlap of its top-``k`` subspace with theirs, and
       :math:`\lVert (M - H)Z\rVert_F / \lVert HZ\rVert_F` on ``model_probes``
       Rademacher probes);
-    * with ``blocks``: the top eigenvalue and the trace (``block_trace_samples``
-      products) of each block's Hessian :math:`H_{BB}`, a layer's or a group of
-      variables', with an operator restricted to the block (no sub-matrix is formed);
+    * with ``blocks``: the top eigenvalue and the trace of each block's Hessian
+      :math:`H_{BB}`, a layer's or a group of variables': Lanczos on the Hessian
+      restricted to the block (no sub-matrix is formed, nothing traced again) and the
+      block's share of the Hutch++ trace estimate (no extra product);
     * optionally (``density=True``) the spectral density by stochastic Lanczos quadrature.
 
     Keys set in ``logs`` at the end of each scheduled epoch (and batch, with
@@ -128,7 +130,6 @@ class HessianSpectrum(CurvatureCallback):
         clock: Returns seconds, for the budget.
         blocks: ``None``; ``"layer"`` (each of ``model.layers`` with trainable weights);
             a list of layer names; or a dict block name -> layer names and/or variables.
-        block_trace_samples: Hutch++ products per block trace (at least 3).
         edge_of_stability: Log the sharpness and, for preconditioned optimizers, the
             preconditioned sharpness.
         curvature_model: Compare the optimizer's ``curvature_model()`` with the Hessian.
@@ -166,7 +167,6 @@ class HessianSpectrum(CurvatureCallback):
         clock: Callable[[], float] = time.perf_counter,
         *,
         blocks: Any = None,
-        block_trace_samples: int = 9,
         edge_of_stability: bool = True,
         curvature_model: bool = True,
         model_probes: int = 4,
@@ -189,7 +189,6 @@ class HessianSpectrum(CurvatureCallback):
         self.density_steps = integer(density_steps, "density_steps", minimum=1)
         self.density_probes = integer(density_probes, "density_probes", minimum=1)
         self.blocks = blocks
-        self.block_trace_samples = integer(block_trace_samples, "block_trace_samples", minimum=3)
         self.edge_of_stability = bool(edge_of_stability)
         self.curvature_model = bool(curvature_model)
         self.model_probes = integer(model_probes, "model_probes", minimum=1)
@@ -213,24 +212,11 @@ class HessianSpectrum(CurvatureCallback):
         self.eigenvectors = None
         self._preconditioned_vector = None
         groups = resolve_blocks(self.model, self.blocks)
+        every = list(self.model.trainable_variables)
         self.block_spectra = None
         if groups:
-            self.block_spectra = BlockSpectra(
-                lambda variables: HessianOperator(
-                    self.model,
-                    loss,
-                    self.x,
-                    self.y,
-                    sample_weight=self.sample_weight,
-                    training=self.training,
-                    batch_size=self.batch_size,
-                    variables=variables,
-                ),
-                groups,
-                self.block_trace_samples,
-                self.method,
-                self.tol,
-            )
+            ranges = {name: variable_ranges(every, block) for name, block in groups.items()}
+            self.block_spectra = BlockSpectra(self.operator, ranges, self.method, self.tol)
         if self.writer is not None:
             self.writer.add_charts("keras-curv: Hessian", self._charts(groups))
 
@@ -287,7 +273,9 @@ class HessianSpectrum(CurvatureCallback):
             clock=self.clock,
         )
         self.eigenvalues, self.eigenvectors = result.eigenvalues, result.eigenvectors
-        trace = hutchinson_trace(op, self.trace_samples, seed=rng)
+        blocks = self.block_spectra
+        ranges = None if blocks is None else list(blocks.ranges.values())
+        trace = hutchinson_trace(op, self.trace_samples, seed=rng, ranges=ranges)
         values = {
             "top_eigenvalue": float(result.eigenvalues[0]),
             "hessian_trace": float(trace.estimate),
@@ -301,13 +289,13 @@ class HessianSpectrum(CurvatureCallback):
             self._edge_of_stability(step, values, scalars)
         if self.curvature_model:
             self._curvature_model(step, values, scalars)
-        if self.block_spectra is not None:
-            before = self.block_spectra.num_matvecs
-            for name, found in self.block_spectra.measure(self.probe_rng(step, 3)).items():
+        if blocks is not None:
+            before = blocks.num_matvecs
+            for name, found in blocks.measure(self.probe_rng(step, 3), trace.parts).items():
                 for key, value in found.items():
                     values[f"{name}_{key}"] = value
                     scalars[f"blocks/{name}/{key}"] = value
-            scalars["blocks/num_matvecs"] = self.block_spectra.num_matvecs - before
+            scalars["blocks/num_matvecs"] = blocks.num_matvecs - before
         scalars["hessian/num_matvecs"] = op.num_matvecs - start
         if self.writer is None:
             return values

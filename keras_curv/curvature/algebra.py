@@ -155,7 +155,10 @@ class RestrictedOperator(LinearOperator):
     """``E^T A E``: ``A`` seen on the flat index ranges of a block (``A.restrict(ranges)``).
 
     The vector is zero-padded to ``A.dim``, ``A`` applied, and the block's entries
-    sliced out; no sub-matrix is formed. Each product costs one product of ``A``.
+    sliced out; no sub-matrix is formed. Each product costs one product of ``A``, and
+    for a model operator nothing is traced again: the block reuses ``A``'s traced product
+    (``HessianOperator(..., variables=...)`` differentiates only the block, but traces a
+    product of its own).
 
     Args:
         operator: ``A``.
@@ -169,15 +172,23 @@ class RestrictedOperator(LinearOperator):
         super().__init__(len(indices), operator.dtype)
         self.operator = operator
         self.symmetric = operator.symmetric
-        self._indices = tf.constant(indices[:, None], tf.int64)
-        self._gather = tf.constant(indices, tf.int64)
+        indices = tf.constant(indices, tf.int64)
+        full = tf.constant(operator.dim, tf.int64)
 
-    def _pad(self, x):
-        shape = [self.operator.dim] + ([] if x.shape.rank == 1 else [int(x.shape[1])])
-        return tf.scatter_nd(self._indices, x, tf.constant(shape, tf.int64))
+        # Traced once each: the layout changes cost no eager work per product.
+        @tf.function(reduce_retracing=True)
+        def pad(x):
+            shape = tf.concat([[full], tf.shape(x, out_type=tf.int64)[1:]], 0)
+            return tf.scatter_nd(indices[:, None], x, shape)
+
+        @tf.function(reduce_retracing=True)
+        def pick(x):
+            return tf.gather(x, indices)
+
+        self._pad, self._pick = pad, pick
 
     def _matvec(self, v):
-        return tf.gather(_apply(self.operator, self._pad(v), self.dtype), self._gather)
+        return self._pick(_apply(self.operator, self._pad(v), self.dtype))
 
     def _matmat(self, block):
-        return tf.gather(_apply(self.operator, self._pad(block), self.dtype), self._gather)
+        return self._pick(_apply(self.operator, self._pad(block), self.dtype))

@@ -121,6 +121,14 @@ class DiagonalOperator(LinearOperator):
     def power(self, p: float) -> LinearOperator:
         return DiagonalOperator(_power_of_values(self.diagonal, _check_power(p), "This diagonal"))
 
+    def top_eigenpairs(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` largest entries and their coordinate vectors ``(dim, k)``, no product."""
+        values = self.diagonal.numpy().astype(np.float64)
+        order = np.argsort(-values, kind="stable")[:k]
+        vectors = np.zeros((self.dim, len(order)))
+        vectors[order, np.arange(len(order))] = 1.0
+        return values[order], vectors
+
 
 class KroneckerOperator(LinearOperator):
     r"""``A_1 ⊗ ... ⊗ A_r`` on the row-major flat layout of an ``(n_1, ..., n_r)`` tensor.
@@ -235,6 +243,19 @@ class LowRankPlusDiagonal(LinearOperator):
         q, r = tf.linalg.qr(self.basis)
         values, vectors = tf.linalg.eigh(tf.matmul(tf.matmul(r, self.core), r, transpose_b=True))
         return values, tf.matmul(q, vectors)
+
+    def top_eigenpairs(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``min(k, r)`` eigenpairs of the low-rank part plus ``c`` (scalar diagonal).
+
+        Raises:
+            ValueError: a vector diagonal (no closed form).
+        """
+        if self.diagonal.shape.rank != 0:
+            raise ValueError("top_eigenpairs needs a scalar diagonal (c I + U M U^T).")
+        values, basis = self.eigendecomposition()
+        order = np.argsort(-values.numpy(), kind="stable")[:k]
+        shifted = values.numpy()[order] + float(self.diagonal)
+        return shifted.astype(np.float64), tf.gather(basis, order, axis=1).numpy()
 
     def power(self, p: float) -> LinearOperator:
         p = _check_power(p)

@@ -95,7 +95,6 @@ def test_values_are_finite_and_match_the_dense_hessian(name):
         every_n_epochs=1,
         tol=1e-8,
         blocks=[layer.name for layer in blocks],
-        block_trace_samples=3,
         trace_samples=3,
     )
     alignment = SubspaceAlignment((x, y), every_n_epochs=1, tol=1e-8)

@@ -36,7 +36,7 @@ def test_block_spectra_and_traces_are_those_of_the_dense_diagonal_blocks():
     x, y = tiny_data()
     model = tiny_model()
     cb = HessianSpectrum(
-        (x, y), blocks="layer", block_trace_samples=120, trace_samples=150, **EXACT
+        (x, y), blocks="layer", trace_samples=150, **EXACT
     )
     history = fit(model, keras.optimizers.SGD(0.1), [cb]).history
     _, _, h = dense_spectrum(model, x, y)
@@ -58,7 +58,7 @@ def test_named_blocks_and_bad_blocks():
     model = tiny_model()
     first = model.layers[0]
     blocks = {"kernels": [model.layers[0].kernel, model.layers[1].kernel], "first": [first.name]}
-    cb = HessianSpectrum((x, y), blocks=blocks, block_trace_samples=100, **EXACT)
+    cb = HessianSpectrum((x, y), blocks=blocks, trace_samples=150, **EXACT)
     history = fit(model, keras.optimizers.SGD(0.1), [cb], epochs=1).history
     _, _, h = dense_spectrum(model, x, y)
     ranges = variable_ranges(model.trainable_variables, [v for v in blocks["kernels"]])

@@ -100,3 +100,16 @@ def test_block_diagonal_and_identity():
     np.testing.assert_allclose(op.power(-0.5).to_dense(), dense_power(dense, -0.5), rtol=1e-5)
     eye = IdentityOperator(3, 4.0, tf.float64)
     np.testing.assert_allclose(eye.power(-0.5).to_dense(), 0.5 * np.eye(3))
+
+
+def test_closed_form_top_eigenpairs():
+    d = DiagonalOperator([1.0, 5.0, 3.0])
+    values, vectors = d.top_eigenpairs(2)
+    np.testing.assert_allclose(values, [5.0, 3.0])
+    np.testing.assert_array_equal(vectors, np.eye(3)[:, [1, 2]])
+    basis = np.random.default_rng(9).standard_normal((8, 2))
+    op = LowRankPlusDiagonal(basis, [2.0, 0.5], 0.25)
+    dense = op.to_dense()
+    values, vectors = op.top_eigenpairs(2)
+    np.testing.assert_allclose(values, np.sort(np.linalg.eigvalsh(dense))[::-1][:2], rtol=1e-10)
+    np.testing.assert_allclose(dense @ vectors, vectors * values, atol=1e-10)
