@@ -32,8 +32,11 @@ optimizer protocol") is the long form.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -45,6 +48,39 @@ from keras_curv.curvature.structured import IdentityOperator
 
 # A vector summary of at most this many entries is also logged entry by entry.
 MAX_ENTRY_SCALARS = 16
+
+# (optimizer class, method name) pairs already warned about.
+_WARNED_SIGNATURES: set[tuple[type, str]] = set()
+
+
+def protocol_method(optimizer: Any, name: str) -> Callable[[], Any] | None:
+    """``optimizer.<name>`` if it is a protocol method (callable with no argument), or ``None``.
+
+    An optimizer may have a method of the same name for another purpose (a solver's
+    ``preconditioner(problem, w, state)``); it is ignored, with one ``RuntimeWarning`` per
+    optimizer class, rather than called wrongly in the middle of ``fit``.
+    """
+    method = getattr(optimizer, name, None)
+    if not callable(method):
+        return None
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        key = (type(optimizer), name)
+        if key not in _WARNED_SIGNATURES:
+            _WARNED_SIGNATURES.add(key)
+            warnings.warn(
+                f"{type(optimizer).__name__}.{name} takes arguments, so it is not the "
+                f"keras-curv optimizer protocol's `{name}()` and the diagnostic callbacks "
+                "ignore it; rename it (e.g. with a leading underscore) or make it take none "
+                "(docs/callbacks.md, 'The optimizer protocol').",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+    except ValueError:  # no signature to inspect (a builtin): trust it
+        pass
+    return method
 
 
 def optimizer_summary(model: keras.Model) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -62,8 +98,8 @@ def optimizer_summary(model: keras.Model) -> tuple[dict[str, float], dict[str, n
     Raises:
         ValueError: the method returns something other than a mapping of scalars/vectors.
     """
-    method = getattr(model_optimizer(model), "curvature_summary", None)
-    if not callable(method):
+    method = protocol_method(model_optimizer(model), "curvature_summary")
+    if method is None:
         return {}, {}
     summary = method()
     if not isinstance(summary, Mapping):
@@ -98,8 +134,8 @@ def optimizer_directions(model: keras.Model, dim: int) -> np.ndarray | None:
     Raises:
         ValueError: the method returns something that is not ``(C, dim)``.
     """
-    method = getattr(model_optimizer(model), "class_directions", None)
-    if not callable(method):
+    method = protocol_method(model_optimizer(model), "class_directions")
+    if method is None:
         return None
     directions = np.asarray(keras.ops.convert_to_numpy(method()), dtype=np.float64)
     if directions.ndim != 2 or directions.shape[1] != dim:
@@ -147,13 +183,13 @@ def optimizer_preconditioning(model: keras.Model, dim: int) -> Preconditioning |
             positive number.
     """
     optimizer = model_optimizer(model)
-    method = getattr(optimizer, "preconditioner", None)
-    if callable(method):
+    method = protocol_method(optimizer, "preconditioner")
+    if method is not None:
         operator = _checked_operator(method(), "preconditioner", dim)
         if operator is None:
             return None
-        threshold = getattr(optimizer, "stability_threshold", None)
-        threshold = float(threshold()) if callable(threshold) else None
+        threshold = protocol_method(optimizer, "stability_threshold")
+        threshold = None if threshold is None else float(threshold())
         if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
             raise ValueError(
                 f"`optimizer.stability_threshold()` must be a positive number; got {threshold}."
@@ -173,7 +209,7 @@ def optimizer_curvature_model(model: keras.Model, dim: int) -> LinearOperator | 
     Raises:
         ValueError: it returns something other than a ``dim``-dimensional operator or ``None``.
     """
-    method = getattr(model_optimizer(model), "curvature_model", None)
-    if not callable(method):
+    method = protocol_method(model_optimizer(model), "curvature_model")
+    if method is None:
         return None
     return _checked_operator(method(), "curvature_model", dim)

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from keras_curv._internal.flat import variable_ranges
 from keras_curv._internal.optimizer import model_optimizer
-from keras_curv._internal.validation import integer
+from keras_curv._internal.validation import choice, integer
 from keras_curv.callbacks._base import CurvatureCallback, eigensolver_args
 from keras_curv.callbacks._keras_adapters import learning_rate
 from keras_curv.callbacks._protocol import (
@@ -26,8 +27,9 @@ from keras_curv.callbacks._spectrum_parts import (
     preconditioned_sharpness,
     resolve_blocks,
 )
+from keras_curv.curvature.eigensolvers import top_eigenpairs
 from keras_curv.curvature.estimators import hutchinson_trace
-from keras_curv.curvature.operators import HessianOperator
+from keras_curv.curvature.operators import GGNOperator, HessianOperator, LinearOperator
 from keras_curv.curvature.spectral_density import spectral_density
 from keras_curv.plotting import render_density, render_stem
 
@@ -50,9 +52,11 @@ class HessianSpectrum(CurvatureCallback):
       :math:`P^{-1/2} H P^{-1/2}` (about 20 more products);
     * with ``curvature_model`` (default) and an optimizer that has ``curvature_model()``
       (AdaHessian's diagonal, ClassSubspaceNewton's class subspace): how that model
-      :math:`M` compares with :math:`H` (Rayleigh quotients :math:`u_i^\top M u_i`
-      along the top eigenvectors, overlap of its top-``k`` subspace with theirs, and
-      :math:`\lVert (M - H)Z\rVert_F / \lVert HZ\rVert_F` on ``model_probes``
+      :math:`M` compares with the true curvature :math:`T`, the Hessian :math:`H` or,
+      with ``curvature_reference="gauss_newton"``, the Gauss–Newton matrix :math:`G`
+      (Rayleigh quotients :math:`u_i^\top M u_i` along the top eigenvectors of
+      :math:`T`, overlap of its top-``k`` subspace with theirs, and
+      :math:`\lVert (M - T)Z\rVert_F / \lVert TZ\rVert_F` on ``model_probes``
       Rademacher probes);
     * with ``blocks``: the top eigenvalue and the trace of each block's Hessian
       :math:`H_{BB}`, a layer's or a group of variables': Lanczos on the Hessian
@@ -66,7 +70,8 @@ class HessianSpectrum(CurvatureCallback):
     (:math:`\lambda_1`, the edge-of-stability name), ``sharpness_x_lr``
     (:math:`\eta\lambda_1`), ``preconditioned_sharpness``; ``curvature_model_rayleigh_ratio``
     (mean of :math:`u_i^\top M u_i/\lambda_i`), ``curvature_model_overlap``,
-    ``curvature_model_relative_error``; ``<block>_top_eigenvalue`` and ``<block>_trace``.
+    ``curvature_model_relative_error``; ``<block>_top_eigenvalue`` and ``<block>_trace``;
+    ``ggn_top_eigenvalue`` with the Gauss–Newton reference.
     On unscheduled epochs the keys are absent.
 
     One :class:`~keras_curv.curvature.HessianOperator` is built at ``on_train_begin`` and
@@ -94,6 +99,7 @@ class HessianSpectrum(CurvatureCallback):
     ``hessian/preconditioned_sharpness``   scalar       :math:`\lambda_1(P^{-1}H)`
     ``hessian/preconditioned_threshold``   scalar       its threshold (38/η for Adam)
     ``curvature_model/rayleigh_i``         scalar       :math:`u_i^\top M u_i`
+    ``curvature_model/ggn_eigenvalue_i``   scalar       :math:`\lambda_i(G)` (GGN reference)
     ``curvature_model/<measure>``          scalar       ``overlap``, ``relative_error``, ...
     ``blocks/<block>/top_eigenvalue``      scalar       :math:`\lambda_1(H_{BB})`
     ``blocks/<block>/trace``               scalar       :math:`\operatorname{tr}(H_{BB})`
@@ -134,6 +140,11 @@ class HessianSpectrum(CurvatureCallback):
             preconditioned sharpness.
         curvature_model: Compare the optimizer's ``curvature_model()`` with the Hessian.
         model_probes: Rademacher probes (Hessian products) for its relative error.
+        curvature_reference: What the curvature model is compared with: ``"hessian"``
+            (default; no extra eigensolve) or ``"gauss_newton"``, the generalised
+            Gauss–Newton matrix of the probe set (what K-FAC, Sophia-G, SketchySGD's
+            Gauss–Newton sketch and ClassSubspaceNewton's ``"gauss_newton"`` curvature
+            model), at the cost of a top-``k`` Lanczos on it.
 
     Raises:
         ValueError: bad data or arguments (at construction); ``top_k`` larger than the
@@ -170,6 +181,7 @@ class HessianSpectrum(CurvatureCallback):
         edge_of_stability: bool = True,
         curvature_model: bool = True,
         model_probes: int = 4,
+        curvature_reference: str = "hessian",
     ):
         super().__init__(
             data,
@@ -192,6 +204,11 @@ class HessianSpectrum(CurvatureCallback):
         self.edge_of_stability = bool(edge_of_stability)
         self.curvature_model = bool(curvature_model)
         self.model_probes = integer(model_probes, "model_probes", minimum=1)
+        self.curvature_reference = choice(
+            curvature_reference, "curvature_reference", ("hessian", "gauss_newton")
+        )
+        self.reference: LinearOperator | None = None
+        self._reference_vectors: np.ndarray | None = None
         self.operator: HessianOperator | None = None
         self.eigenvectors: np.ndarray | None = None
         self.eigenvalues: np.ndarray | None = None
@@ -210,6 +227,17 @@ class HessianSpectrum(CurvatureCallback):
             )
         self.k = k
         self.eigenvectors = None
+        self.reference, self._reference_vectors = self.operator, None
+        if self.curvature_model and self.curvature_reference == "gauss_newton":
+            self.reference = GGNOperator(
+                self.model,
+                loss,
+                self.x,
+                self.y,
+                sample_weight=self.sample_weight,
+                training=self.training,
+                batch_size=self.batch_size,
+            )
         self._preconditioned_vector = None
         groups = resolve_blocks(self.model, self.blocks)
         every = list(self.model.trainable_variables)
@@ -222,6 +250,9 @@ class HessianSpectrum(CurvatureCallback):
 
     def _charts(self, groups: dict) -> dict[str, list[str]]:
         """The custom-scalars charts of this callback (tags that may never appear are harmless)."""
+        reference = r"^hessian/eigenvalue_\d+$"
+        if self.reference is not self.operator:
+            reference = r"^curvature_model/ggn_eigenvalue_\d+$"
         charts = {
             f"top-{self.k} Hessian eigenvalues": [r"^hessian/eigenvalue_\d+$"],
             "edge of stability: sharpness λ₁ and its threshold (2/η for SGD)": [
@@ -233,7 +264,7 @@ class HessianSpectrum(CurvatureCallback):
                 "^hessian/preconditioned_threshold$",
             ],
             "curvature model: Rayleigh quotients uᵢᵀMuᵢ beside λᵢ": [
-                r"^hessian/eigenvalue_\d+$",
+                reference,
                 r"^curvature_model/rayleigh_\d+$",
             ],
             "curvature model: overlap, relative error, Rayleigh ratio": [
@@ -249,11 +280,15 @@ class HessianSpectrum(CurvatureCallback):
         super()._calibrate()
         if self.block_spectra is not None:
             self.block_spectra.calibrate()
+        if self.reference is not self.operator:
+            self.reference.matvec(tf.ones([self.reference.dim], self.reference.dtype)).numpy()
 
     def _expected_products(self) -> tuple[int, int]:
         # A cold top-k Lanczos to tol=1e-3 took about 3k products on the benchmark CNN; a
         # preconditioned one for λ₁ about 20, the curvature-model probes one each.
         other = self.trace_samples + (self.model_probes if self.curvature_model else 0)
+        if self.reference is not self.operator:  # a top-k Lanczos on G, warm after the first
+            other += 3 * self.k
         other += 20 if self.edge_of_stability else 0
         if self.block_spectra is not None:
             other += self.block_spectra.expected_products()
@@ -359,15 +394,30 @@ class HessianSpectrum(CurvatureCallback):
             )
 
     def _curvature_model(self, step: int, values: dict, scalars: dict) -> None:
-        """The optimizer's curvature model against the Hessian (when it has one)."""
+        """The optimizer's curvature model against the Hessian or the GGN (when it has one)."""
         model = optimizer_curvature_model(self.model, self.operator.dim)
         if model is None:
             return
+        eigenvalues, eigenvectors = self.eigenvalues, self.eigenvectors
+        if self.reference is not self.operator:
+            found = top_eigenpairs(
+                self.reference,
+                self.k,
+                method=self.method,
+                tol=self.tol,
+                seed=int(self.probe_rng(step, 4).integers(2**31)),
+                init=self._reference_vectors,
+            )
+            eigenvalues, eigenvectors = found.eigenvalues, found.eigenvectors
+            self._reference_vectors = eigenvectors
+            values["ggn_top_eigenvalue"] = float(eigenvalues[0])
+            for i, value in enumerate(eigenvalues):
+                scalars[f"curvature_model/ggn_eigenvalue_{i + 1}"] = float(value)
         quality = curvature_model_quality(
             model,
-            self.operator,
-            self.eigenvalues,
-            self.eigenvectors,
+            self.reference,
+            eigenvalues,
+            eigenvectors,
             self.probe_rng(step, 2),
             self.model_probes,
         )

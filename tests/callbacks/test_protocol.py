@@ -1,5 +1,6 @@
 """What the callbacks read from an optimizer: curvature_summary() and class_directions()."""
 
+import warnings
 from types import SimpleNamespace
 
 import keras
@@ -107,3 +108,28 @@ def test_preconditioner_protocol_is_read_and_checked():
         optimizer_preconditioning(_model(Preconditioned(DiagonalOperator([1.0, 2.0]))), 3)
     with pytest.raises(ValueError, match="positive number"):
         optimizer_preconditioning(_model(Preconditioned(DiagonalOperator([1.0, 2.0]), -1.0)), 2)
+
+
+class SolverWithPreconditioner(keras.optimizers.Adam):
+    """A method of a protocol name for another purpose (a CG solver's preconditioner)."""
+
+    def preconditioner(self, problem, w, state):
+        raise AssertionError("must not be called by the callbacks")
+
+    def curvature_model(self, *, required):
+        raise AssertionError("must not be called by the callbacks")
+
+
+def test_same_named_methods_with_arguments_are_ignored_with_one_warning():
+    from keras_curv.callbacks import _protocol
+    from keras_curv.callbacks._protocol import optimizer_curvature_model, protocol_method
+
+    _protocol._WARNED_SIGNATURES.clear()
+    model = _model(SolverWithPreconditioner())
+    with pytest.warns(RuntimeWarning, match=r"SolverWithPreconditioner.preconditioner takes"):
+        assert protocol_method(model.optimizer, "preconditioner") is None
+    with pytest.warns(RuntimeWarning, match=r"curvature_model takes arguments"):
+        assert optimizer_curvature_model(model, 4) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per class and name
+        assert protocol_method(model.optimizer, "preconditioner") is None

@@ -8,12 +8,14 @@ curvature model's quality, and training left bit-for-bit unchanged by all of the
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_curv import AdaHessian, ClassSubspaceNewton
 from keras_curv._internal.flat import variable_ranges
 from keras_curv.callbacks import HessianSpectrum
 from keras_curv.curvature import BlockDiagonalOperator, KroneckerOperator, stability_threshold
-from tests.callbacks.conftest import dense_spectrum, tiny_data, tiny_model
+from tests.callbacks.conftest import dense_spectrum, mean_xent, tiny_data, tiny_model
+from tests.curvature.helpers import dense_ggn
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 EXACT = {"tol": 1e-10, "every_n_epochs": 1}
@@ -35,9 +37,7 @@ def dense_root(matrix, p):
 def test_block_spectra_and_traces_are_those_of_the_dense_diagonal_blocks():
     x, y = tiny_data()
     model = tiny_model()
-    cb = HessianSpectrum(
-        (x, y), blocks="layer", trace_samples=150, **EXACT
-    )
+    cb = HessianSpectrum((x, y), blocks="layer", trace_samples=150, **EXACT)
     history = fit(model, keras.optimizers.SGD(0.1), [cb]).history
     _, _, h = dense_spectrum(model, x, y)
     total = 0.0
@@ -168,6 +168,42 @@ def test_adahessian_curvature_model_quality_against_dense_values():
     p = np.diag(m) + optimizer.epsilon
     expected = np.linalg.eigvalsh(np.diag(p**-0.5) @ h @ np.diag(p**-0.5))[-1]
     assert history["preconditioned_sharpness"][-1] == pytest.approx(expected, rel=1e-7)
+
+
+def test_curvature_model_against_the_dense_gauss_newton_matrix():
+    x, y = tiny_data()
+    model = tiny_model()
+    cb = HessianSpectrum(
+        (x, y), model_probes=5, seed=3, curvature_reference="gauss_newton", **EXACT
+    )
+    optimizer = AdaHessian(0.05, seed=0)
+    history = fit(model, optimizer, [cb]).history
+    g = dense_ggn(model, mean_xent(y), tf.constant(x))
+    values, vectors = np.linalg.eigh(0.5 * (g + g.T))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    assert history["ggn_top_eigenvalue"][-1] == pytest.approx(values[0], rel=1e-8)
+    v = np.concatenate([e.numpy().reshape(-1) for e in optimizer.hessian_diagonal_ema])
+    tau = int(optimizer.hessian_iterations.numpy())
+    m = np.diag(np.sqrt(v / (1 - 0.999**tau)))
+    u = vectors[:, :3]
+    rayleigh = np.sum(u * (m @ u), axis=0)
+    assert history["curvature_model_rayleigh_ratio"][-1] == pytest.approx(
+        np.mean(rayleigh / values[:3]), rel=1e-6
+    )
+    top_m = np.argsort(-np.diag(m))[:3]
+    assert history["curvature_model_overlap"][-1] == pytest.approx(
+        np.sum(u[top_m] ** 2) / 3, rel=1e-5
+    )
+    rng = np.random.default_rng([3, cb.measurements["step"][-1], 2])
+    rng.integers(2**31)
+    z = np.where(rng.random((5, g.shape[0])) < 0.5, 1.0, -1.0).T
+    error = np.linalg.norm((m - g) @ z) / np.linalg.norm(g @ z)
+    assert history["curvature_model_relative_error"][-1] == pytest.approx(error, rel=1e-6)
+    # The model is not linear in its outputs: G is not H, so the reference mattered.
+    _, _, h = dense_spectrum(model, x, y)
+    assert np.linalg.norm(g - h) > 1e-3 * np.linalg.norm(h)
+    with pytest.raises(ValueError, match="curvature_reference"):
+        HessianSpectrum((x, y), curvature_reference="fisher")
 
 
 @pytest.mark.parametrize(
