@@ -92,7 +92,9 @@ def test_demo_writes_report_tensorboard_logs_and_summary(tmp_path, capsys):
     assert {"alignment/combined_rank", "custom_scalars__config__"} <= curvature
     measured = result["measurements"]
     assert np.isfinite(measured["preconditioned_sharpness"][0])
-    assert 10 <= measured["combined_rank"][0] <= 20
+    # With its tolerance the rank carries information: below 2C in real training (the
+    # exact rank was 2C = 20 at every epoch).
+    assert 10 <= measured["combined_rank"][0] < 20
     assert {"epoch_loss", "epoch_accuracy", "epoch_top_eigenvalue"} <= _tags(run / "train")
     assert {"epoch_loss", "epoch_accuracy"} <= _tags(run / "validation")
 
