@@ -26,6 +26,7 @@ REQUIRED_PAGES = (
     "curvature.md",
     "math.md",
     "datasets.md",
+    "compatibility.md",
     "api.md",
     "benchmarks.md",
     "changelog.md",
