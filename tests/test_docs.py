@@ -19,6 +19,7 @@ REQUIRED_PAGES = (
     "quickstart.md",
     "optimizers.md",
     "adahessian.md",
+    "shampoo.md",
     "class_subspace_newton.md",
     "integration.md",
     "callbacks.md",
@@ -29,6 +30,7 @@ REQUIRED_PAGES = (
     "compatibility.md",
     "api.md",
     "benchmarks.md",
+    "arena.md",
     "changelog.md",
 )
 
