@@ -84,9 +84,7 @@ def test_eigen_step_against_numpy(operator, kwargs):
         0.1, directions="eigen", curvature=operator, num_classes=C, seed=7, **kwargs
     )
     optimizer.build(model.trainable_variables)
-    start = np.concatenate(
-        [np.reshape(v.numpy(), (C, -1)) for v in optimizer._eigen_basis], axis=1
-    )
+    start = np.concatenate([np.reshape(v.numpy(), (C, -1)) for v in optimizer._eigen_basis], axis=1)
     batches = [(x[i : i + 12], y[i : i + 12]) for i in (0, 12, 0)]
     for xb, yb in batches:
         curvature_step(model, optimizer, LOSS, tf.constant(xb), tf.constant(yb))
