@@ -10,6 +10,7 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -18,6 +19,7 @@ __all__ = [
     "CurvatureOptimizer",
     "LayerCall",
     "LayerTap",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",
