@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal.keras_privates import softmax_logits
@@ -35,7 +36,7 @@ from keras_curv._internal.losses import loss_family
 SUPPORTED = {
     "categorical": "softmax cross-entropy (sparse or one-hot labels)",
     "binary": "sigmoid cross-entropy",
-    "squared_error": "mean squared error (a unit-variance Gaussian likelihood)",
+    "squared_error": "the mean squared error (a unit-variance Gaussian likelihood)",
 }
 _REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
 
@@ -69,11 +70,11 @@ def sampling_spec(loss: Any, owner: str, fix: str) -> SamplingSpec:
     """
     family = loss_family(loss)
     if family not in SUPPORTED:
-        supported = "; ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
+        supported = ", ".join(SUPPORTED.values())
         raise ValueError(
             f"{owner} samples labels from the model's predictive distribution, which it "
-            f"can do for a single Keras loss of these kinds: {supported}. The model is "
-            f"compiled with loss={loss!r}. {fix}"
+            f"can do for a single Keras loss that is {supported}; the model is compiled "
+            f"with loss={_describe(loss)}. {fix}"
         )
     if isinstance(loss, str):
         return SamplingSpec(family, False, "sum_over_batch_size")
@@ -113,20 +114,40 @@ def prepare(spec: SamplingSpec, outputs: Any, dtype: tf.DType) -> tuple[Sampling
     return spec, tf.cast(outputs, dtype)
 
 
+def _describe(loss: Any) -> str:
+    if isinstance(loss, keras.losses.Loss):
+        return f"{type(loss).__name__}({loss.name!r})"
+    if callable(loss) and hasattr(loss, "__name__"):
+        return f"function {loss.__name__}"
+    return repr(loss)
+
+
 def element_count(outputs: tf.Tensor) -> tf.Tensor:
     """The number of loss elements of ``outputs`` (all axes but the last), as a float."""
     return tf.cast(tf.reduce_prod(tf.shape(outputs)[:-1]), outputs.dtype)
 
 
+_LEVELS = 2**31 - 1  # values of the random integers behind each uniform
+
+
+def _open_uniform(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    # From random integers: XLA draws the same integers as the graph does from a seed,
+    # but not the same floats.
+    bits = tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=_LEVELS, dtype=tf.int32)
+    return (tf.cast(bits, dtype) + 0.5) / _LEVELS
+
+
 def noise_for(spec: SamplingSpec, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """The random numbers one draw of labels needs, shaped like the outputs.
 
-    Uniform in ``[0, 1)`` for the cross-entropies (Gumbel-max resp. Bernoulli
-    thresholds), standard normal for the squared error.
+    Uniform in ``(0, 1)`` for the cross-entropies (Gumbel-max resp. Bernoulli
+    thresholds), standard normal (Box–Muller) for the squared error; the same numbers
+    with and without ``jit_compile``.
     """
-    if spec.family == "squared_error":
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
-    return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+    if spec.family != "squared_error":
+        return _open_uniform(shape, seed, dtype)
+    u = _open_uniform(tf.concat([[2], shape], 0), seed, dtype)
+    return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos(2.0 * np.pi * u[1])
 
 
 def _log_probabilities(spec: SamplingSpec, outputs: tf.Tensor) -> tf.Tensor:

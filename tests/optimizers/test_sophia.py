@@ -8,10 +8,12 @@ import pytest
 import tensorflow as tf
 
 from keras_curv._internal.keras_privates import stateless_seed
-from keras_curv.optimizers import Sophia
+from keras_curv.optimizers import Sophia, _sampled_labels
 from tests.conftest import float64_everywhere
 
 LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+# For the float64 models: a float32 loss would round their outputs.
+LOGITS_CE64 = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
 
 
 def _draw(seed: int, step: int, shape, kind: str) -> np.ndarray:
@@ -20,7 +22,8 @@ def _draw(seed: int, step: int, shape, kind: str) -> np.ndarray:
     if kind == "rademacher":
         bits = tf.random.stateless_uniform(shape, seed=pair, minval=0, maxval=2, dtype=tf.int32)
         return 2.0 * bits.numpy() - 1.0
-    return tf.random.stateless_uniform(shape, seed=pair, dtype=tf.float64).numpy()
+    spec = _sampled_labels.SamplingSpec("categorical", True, "sum_over_batch_size")
+    return _sampled_labels.noise_for(spec, shape, pair, tf.float64).numpy()
 
 
 def _augmented(x):
@@ -148,3 +151,272 @@ def test_sophia_g_golden_values_through_fit(weighted):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
     assert 0.0 < clipped < 1.0
     assert float(optimizer.clip_fraction) == pytest.approx(clipped)
+
+
+# ------------------------------------------------------------------ the schedule
+
+
+def _mlp64(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(4, activation="tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+
+
+def _classification(n=16, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)), rng.integers(0, 3, n), rng.uniform(0.2, 2.0, n)
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
+def test_estimates_every_k_steps_and_nothing_stale_is_reabsorbed(estimator):
+    x, y, _ = _classification()
+    model = _mlp64()
+    opt = Sophia(0.01, update_every=3, estimator=estimator, seed=0)
+    model.compile(optimizer=opt, loss=LOGITS_CE)
+    counts, states = [], []
+    for _ in range(8):
+        model.train_on_batch(x, y)
+        counts.append(int(opt.hessian_updates))
+        states.append(np.concatenate([h.numpy().ravel() for h in opt.hessian_diagonal_ema]))
+    # The authors' schedule: the first estimate after k steps, then every k.
+    assert counts == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert not states[0].any()
+    for step in range(1, 8):
+        assert (not np.array_equal(states[step], states[step - 1])) == (step % 3 == 0), step
+
+
+# --------------------------------------------------------- Keras's features
+
+
+def _weights_after(estimator, **compile_kwargs):
+    x, y, w = _classification(n=24)
+    model = _mlp64()
+    model.layers[0].kernel_regularizer = keras.regularizers.L2(1e-2)
+    opt = Sophia(0.05, update_every=2, estimator=estimator, seed=4)
+    model.compile(optimizer=opt, loss=LOGITS_CE64, **compile_kwargs)
+    model.fit(x, y, sample_weight=w, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert int(opt.hessian_updates) == 5
+    return model.get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
+def test_jit_compile_and_steps_per_execution_match_plain_graph_steps(estimator):
+    """Sample weights and a regularizer included; XLA draws the same probes and labels."""
+    plain = _weights_after(estimator)
+    fused = _weights_after(estimator, jit_compile=True, steps_per_execution=3)
+    for a, b in zip(plain, fused):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_nan_batch_is_skipped_without_touching_weights_or_state():
+    from tests.optimizers.test_hardening import _classifier, _regression, _Snapshots
+
+    x, y = _regression(nan_batch=2)
+    model = _classifier()
+    model.compile(optimizer=Sophia(0.05, update_every=1, seed=1), loss=LOGITS_CE)
+    snapshots = _Snapshots()
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[snapshots])
+    opt = model.optimizer
+    assert int(opt.skipped_steps) == 1 and int(opt.iterations) == 3
+    before, after = snapshots.states[1], snapshots.states[2]
+    for w0, w1 in zip(before["weights"], after["weights"]):
+        np.testing.assert_array_equal(w0, w1)
+    old = before["optimizer"]
+    changed = [p for p, v in after["optimizer"].items() if not np.array_equal(v, old[p])]
+    # Only the skip counter and the RNG (drawn before the step is judged) move.
+    assert any("skipped_steps" in p for p in changed)
+    assert all("skipped_steps" in p or "seed_generator" in p for p in changed), changed
+    for v in opt.variables:
+        assert np.all(np.isfinite(np.asarray(v, np.float64)))
+
+
+def test_a_non_finite_estimate_is_not_absorbed_and_the_step_still_runs():
+    from tests.optimizers.test_hardening import _overflow_regression
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, x, y = _overflow_regression()
+        # No weight decay: the fit stays exact, so the gradient stays 0 (finite).
+        optimizer = Sophia(0.1, update_every=1, weight_decay=None, seed=0)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    inner = model.optimizer.inner_optimizer
+    # The float16 Hessian-vector product overflows (the gradient is finite): no estimate
+    # is absorbed, and the steps run on (nothing is skipped), with h still 0.
+    assert int(inner.iterations) == 4 and int(inner.skipped_steps) == 0
+    assert int(inner.hessian_updates) == 0
+    assert not any(h.numpy().any() for h in inner.hessian_diagonal_ema)
+    for v in inner.variables:
+        assert np.all(np.isfinite(np.asarray(v, np.float64)))
+
+
+@pytest.mark.parametrize(
+    "policy, estimator",
+    [("mixed_float16", "gauss_newton_bartlett"), ("mixed_bfloat16", "hutchinson")],
+)
+def test_mixed_precision_keeps_float32_state_and_trains(policy, estimator):
+    x, y, _ = _classification(n=64)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+        )
+        model.compile(
+            optimizer=Sophia(0.02, update_every=2, estimator=estimator, seed=0), loss=LOGITS_CE
+        )
+        history = model.fit(x.astype("float32"), y, batch_size=16, epochs=3, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    opt = model.optimizer
+    inner = getattr(opt, "inner_optimizer", opt)
+    assert isinstance(inner, Sophia)
+    assert int(inner.hessian_updates) == 5
+    state = [v for v in inner.variables if "float" in str(v.dtype)]
+    assert state and all(v.dtype == "float32" for v in state)
+    for v in inner.variables:
+        assert np.all(np.isfinite(np.asarray(v, np.float64)))
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert any(h.numpy().any() for h in inner.hessian_diagonal_ema)
+
+
+# ------------------------------------------------------------ save and resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
+def test_save_load_and_backup_and_restore_resume_exactly(estimator, tmp_path):
+    # floatx float64: a loaded model's loss comes back in floatx (Keras saves no dtype).
+    with float64_everywhere():
+        _resume_exactly(estimator, tmp_path)
+
+
+def _resume_exactly(estimator, tmp_path):
+    x, y, _ = _classification(n=16)
+
+    def fresh():
+        model = _mlp64()
+        model.compile(
+            optimizer=Sophia(0.05, update_every=2, estimator=estimator, seed=7),
+            loss="sparse_categorical_crossentropy",
+        )
+        return model
+
+    def fit(model, epochs, callbacks=()):
+        model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, verbose=0,
+                  callbacks=list(callbacks))  # fmt: skip
+
+    straight = fresh()
+    fit(straight, 4)
+
+    first = fresh()
+    fit(first, 2)
+    path = str(tmp_path / "sophia.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, Sophia)
+    assert loaded.optimizer.get_config() == first.optimizer.get_config()
+    loaded.fit(x, y, batch_size=4, epochs=4, initial_epoch=2, shuffle=False, verbose=0)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("simulated preemption")
+
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="preemption"):
+        fit(fresh(), 4, [keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = fresh()
+    fit(resumed, 4, [keras.callbacks.BackupAndRestore(backup)])
+
+    for other in (loaded, resumed):
+        assert int(other.optimizer.iterations) == 16
+        for a, b in zip(straight.get_weights(), other.get_weights()):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+        for a, b in zip(straight.optimizer.variables, other.optimizer.variables):
+            np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                                       rtol=0, atol=1e-12)  # fmt: skip
+
+
+# ------------------------------------------------------------------ the API
+
+
+def test_config_round_trip():
+    opt = Sophia(
+        2e-3, beta_1=0.9, beta_2=0.95, rho=0.1, weight_decay=0.2, update_every=5,
+        estimator="gauss_newton_bartlett", epsilon=1e-10, seed=3, clipnorm=1.0,
+    )  # fmt: skip
+    again = Sophia.from_config(opt.get_config())
+    assert again.get_config() == opt.get_config()
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(restored, Sophia) and restored.get_config() == opt.get_config()
+    defaults = Sophia().get_config()
+    assert (defaults["beta_1"], defaults["beta_2"], defaults["rho"]) == (0.965, 0.99, 0.04)
+    assert (defaults["weight_decay"], defaults["update_every"]) == (0.1, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"beta_1": 1.0}, "beta_1"),
+        ({"beta_2": -0.5}, "beta_2"),
+        ({"rho": 0.0}, "rho"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"update_every": 0}, "update_every"),
+        ({"update_every": 2.0}, "update_every"),
+        ({"update_every": True}, "update_every"),
+        ({"estimator": "fisher"}, "estimator"),
+        ({"seed": 1.5}, "seed"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Sophia(**kwargs)
+
+
+def test_sophia_g_refuses_a_loss_it_cannot_sample_before_training():
+    x, y, _ = _classification()
+    model = _mlp64()
+    model.compile(optimizer=Sophia(estimator="gauss_newton_bartlett"), loss="mae")
+    with pytest.raises(ValueError, match='estimator="hutchinson"'):
+        model.fit(x, np.eye(3)[y], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), _mlp64().get_weights()))
+
+
+def test_curvature_summary_is_read_by_the_callbacks():
+    from keras_curv.callbacks._protocol import optimizer_summary
+
+    x, y, _ = _classification()
+    model = _mlp64()
+    opt = Sophia(0.05, update_every=2, seed=2)
+    model.compile(optimizer=opt, loss=LOGITS_CE)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)  # 8 steps, estimates at 2, 4, 6
+    summary = {k: float(v) for k, v in opt.curvature_summary().items()}
+    assert summary["hessian_updates"] == 3.0 and summary["skipped_steps"] == 0.0
+    assert 0.0 <= summary["clip_fraction"] <= 1.0
+    assert summary["win_rate"] == pytest.approx(1.0 - summary["clip_fraction"])
+    h = np.concatenate([v.numpy().ravel() for v in opt.hessian_diagonal_ema])
+    assert summary["hessian_diagonal_mean"] == pytest.approx(h.mean(), rel=1e-6)
+    scalars, _ = optimizer_summary(model)
+    assert scalars["optimizer/clip_fraction"] == pytest.approx(summary["clip_fraction"])
+
+
+def test_curvature_step_in_a_hand_written_loop():
+    from keras_curv.optimizers import curvature_step
+
+    x, y, _ = _classification(n=32)
+    model = _mlp64()
+    opt = Sophia(0.05, update_every=2, seed=0)
+    losses = [float(curvature_step(model, opt, LOGITS_CE, x, y)) for _ in range(20)]
+    assert losses[-1] < 0.8 * losses[0]
+    assert int(opt.hessian_updates) == 9
