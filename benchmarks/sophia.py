@@ -108,7 +108,11 @@ def step_cost(*, steps: int = 20, rounds: int = 15, log=print) -> dict:
         rng = np.random.RandomState(0)
         x = rng.rand(batch * 10, *shape).astype("float32")
         y = rng.randint(0, 10, batch * 10)
-        variants = {"adam": lambda: keras.optimizers.Adam(1e-3)}
+        variants = {
+            "adam": lambda: keras.optimizers.Adam(1e-3),
+            # For scale: Sophia's default weight decay on Adam.
+            "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.1),
+        }
         for estimator, short in (("hutchinson", "h"), ("gauss_newton_bartlett", "g")):
             for every in (1, 10):
                 variants[f"sophia_{short}_every_{every}"] = lambda e=estimator, k=every: Sophia(

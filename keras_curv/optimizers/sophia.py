@@ -1,7 +1,7 @@
 """Sophia (Liu et al., 2023): momentum clipped by a diagonal Hessian estimate.
 
 The math is in the pure functions :func:`sophia_moments`, :func:`sophia_direction` and
-:func:`clip_fraction`; the estimates ``ĥ`` come from ``_hutchinson.py`` (Sophia-H) and
+:func:`clipped_fraction`; the estimates ``ĥ`` come from ``_hutchinson.py`` (Sophia-H) and
 ``_sampled_labels.py`` (Sophia-G); :class:`Sophia` is the Keras shell around them.
 ``docs/sophia.md`` explains the parametrisation and the defaults.
 """
@@ -80,7 +80,7 @@ def sophia_direction(m: Any, h: Any, rho: float, epsilon: float) -> Any:
     return ops.sign(m) * ops.minimum(_ratio(m, h, rho, epsilon), 1)
 
 
-def clip_fraction(
+def clipped_fraction(
     momentums: Sequence[Any], hessians: Sequence[Any], rho: float, epsilon: float
 ) -> tf.Tensor:
     """The fraction of coordinates whose step is clipped (``|m| ≥ ρ·max(h, 0) + ε``).
@@ -295,7 +295,9 @@ class Sophia(CurvatureOptimizer):
         self._hessian_updates.assign_add(tf.cast(statistics.shared["updated"], tf.int64))
         momentums = [tf.convert_to_tensor(m) for m in self._momentums]
         hessians = [tf.convert_to_tensor(h) for h in self._hessians]
-        self._clip_fraction.assign(clip_fraction(momentums, hessians, self.rho, self.epsilon))
+        self._clip_fraction.assign(
+            clipped_fraction(momentums, hessians, self.rho, self.epsilon)
+        )
 
     # ------------------------------------------------------------- diagnostics
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_curv.optimizers import _sampled_labels as sl
-from keras_curv.optimizers.sophia import clip_fraction, sophia_direction, sophia_moments
+from keras_curv.optimizers.sophia import clipped_fraction, sophia_direction, sophia_moments
 from tests.curvature.helpers import dense_ggn, flat_params, unflat
 
 
@@ -31,10 +31,10 @@ def test_direction_regimes():
     got = np.asarray(sophia_direction(m, h, 0.04, 1e-12))
     # No curvature, or negative curvature: a full sign step. Large curvature: m / (ρ h).
     np.testing.assert_allclose(got, [1.0, -1.0, 0.25, -0.25, 1.0, 0.0], rtol=1e-10)
-    fraction = clip_fraction([tf.constant(m)], [tf.constant(h)], 0.04, 1e-12)
+    fraction = clipped_fraction([tf.constant(m)], [tf.constant(h)], 0.04, 1e-12)
     assert fraction.dtype == tf.float32
     assert float(fraction) == pytest.approx(3 / 6)
-    split = clip_fraction([tf.constant(m[:2]), tf.constant(m[2:])], [h[:2], h[2:]], 0.04, 1e-12)
+    split = clipped_fraction([tf.constant(m[:2]), tf.constant(m[2:])], [h[:2], h[2:]], 0.04, 1e-12)
     assert float(split) == pytest.approx(3 / 6)
 
 
