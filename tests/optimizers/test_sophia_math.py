@@ -115,8 +115,10 @@ def test_bartlett_estimate_is_unbiased_for_the_ggn_diagonal(family):
     mean = samples.mean(0)
     stderr = samples.std(0) / np.sqrt(draws)
     assert np.all(np.abs(mean - target) <= 5 * stderr + 1e-12), (mean - target) / stderr
-    # Not trivially close: one draw is far from the diagonal.
-    assert np.max(np.abs(samples[0] - target)) > 10 * np.max(np.abs(mean - target))
+    # Not trivially close: single draws scatter far more than their mean's error does
+    # (about sqrt(draws) ≈ 55 times more for an unbiased estimate).
+    spread = np.mean(np.linalg.norm(samples - target, axis=1))
+    assert np.linalg.norm(mean - target) < 0.1 * spread
 
 
 def test_sequence_outputs_count_every_token():
