@@ -116,9 +116,9 @@ class Sophia(CurvatureOptimizer):
     ``B·ĝ⊙ĝ``, batch-size factor included, so ``ρ`` is the official one). ``h``
     estimates the diagonal of the Hessian (resp. Gauss–Newton matrix) of the compiled
     batch-mean loss. Other steps leave ``h`` as it is. :attr:`clip_fraction` (in
-    :meth:`curvature_summary`) is the fraction of clipped coordinates at the last
-    step. See ``docs/sophia.md`` (the parametrisations of the official code, optax and
-    levanter, defaults, cost).
+    :meth:`curvature_summary`; ``OptimizerLogs`` puts it in the logs) is the fraction
+    of clipped coordinates at the last step. See ``docs/sophia.md`` (the
+    parametrisations of the official code, optax and levanter, defaults, cost).
 
     Args:
         learning_rate: A float, a ``LearningRateSchedule`` or a callable: the largest
@@ -169,7 +169,7 @@ class Sophia(CurvatureOptimizer):
         self.seed = validation.seed(seed)
 
     def build(self, var_list: list) -> None:
-        """Creates ``m`` and ``h`` per variable, the counters and the RNG."""
+        """Creates ``m`` and ``h`` per variable, the estimate counter and the RNG."""
         if self.built:
             return
         self._seed_generator = keras.random.SeedGenerator(self.seed, name="sophia_draws")
@@ -182,13 +182,6 @@ class Sophia(CurvatureOptimizer):
             initializer="zeros",
             dtype="int64",
             name="hessian_updates",
-            aggregation="only_first_replica",
-        )
-        self._clip_fraction = self.add_variable(
-            shape=(),
-            initializer="zeros",
-            dtype="float32",
-            name="clip_fraction",
             aggregation="only_first_replica",
         )
         track_optimizer_variable(self, self._seed_generator.state)
@@ -293,11 +286,6 @@ class Sophia(CurvatureOptimizer):
 
     def finish_step(self, statistics: StepStatistics) -> None:
         self._hessian_updates.assign_add(tf.cast(statistics.shared["updated"], tf.int64))
-        momentums = [tf.convert_to_tensor(m) for m in self._momentums]
-        hessians = [tf.convert_to_tensor(h) for h in self._hessians]
-        self._clip_fraction.assign(
-            clipped_fraction(momentums, hessians, self.rho, self.epsilon)
-        )
 
     # ------------------------------------------------------------- diagnostics
 
@@ -314,10 +302,16 @@ class Sophia(CurvatureOptimizer):
         return self._hessian_updates
 
     @property
-    def clip_fraction(self) -> tf.Variable:
-        """The fraction of coordinates whose last step was clipped to ``lr·sign(m)``."""
+    def clip_fraction(self) -> tf.Tensor:
+        """The fraction of coordinates whose last step was clipped to ``lr·sign(m)``.
+
+        Computed when read, from ``m`` and ``h`` (the last step's, as they are saved in
+        the state), so training never pays for it.
+        """
         self._check_built()
-        return self._clip_fraction
+        momentums = [tf.convert_to_tensor(m) for m in self._momentums]
+        hessians = [tf.convert_to_tensor(h) for h in self._hessians]
+        return clipped_fraction(momentums, hessians, self.rho, self.epsilon)
 
     def curvature_summary(self) -> dict[str, tf.Tensor]:
         """The optimizer's state for the diagnostic callbacks (read only).
@@ -328,7 +322,7 @@ class Sophia(CurvatureOptimizer):
             coordinates), ``hessian_updates`` and ``skipped_steps``.
         """
         self._check_built()
-        clipped = tf.cast(self._clip_fraction, tf.float32)
+        clipped = self.clip_fraction
         hessians = [tf.cast(h, tf.float32) for h in self._hessians]
         size = sum(int(np.prod(h.shape)) for h in hessians)
         mean = tf.add_n([tf.reduce_sum(h) for h in hessians]) / float(max(size, 1))
