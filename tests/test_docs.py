@@ -30,6 +30,7 @@ REQUIRED_PAGES = (
     "compatibility.md",
     "api.md",
     "benchmarks.md",
+    "arena.md",
     "changelog.md",
 )
 
