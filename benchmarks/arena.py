@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from benchmarks.arena_optimizers import GRID_EXPONENTS, Contestant, contestants
+from benchmarks.arena_pinn import relative_error
 from benchmarks.arena_workloads import WORKLOADS, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,12 +59,17 @@ def applies(contestant: Contestant, workload: Workload) -> bool:
 
 
 def _score(model: keras.Model, workload: Workload, x, y) -> float:
+    if workload.score == "relative_error":
+        return relative_error(model, x, y)
     values = model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
-    if workload.score == "accuracy":
-        return float(values["accuracy"])
+    return float(values["accuracy" if workload.score == "accuracy" else "loss"])
+
+
+def validation_score(model: keras.Model, workload: Workload, data) -> float:
+    """The score that selects the rate; the training objective's gap for optimisation problems."""
     if workload.score == "suboptimality":
-        return float(values["loss"]) - workload.optimum()
-    return float(values["loss"])
+        return _score(model, workload, data.x_train, data.y_train) - workload.optimum()
+    return _score(model, workload, data.x_val, data.y_val)
 
 
 def _state_bytes(optimizer: keras.optimizers.Optimizer) -> int:
@@ -92,16 +98,27 @@ def train_run(
     budget = workload.full_batch_steps if full_batch else workload.epochs
     epochs = max(1, round(budget * epoch_scale))
     model = workload.build(seed)
-    optimizer = contestant.build(learning_rate, seed)
     metrics = ["accuracy"] if workload.score == "accuracy" else []
-    model.compile(optimizer=optimizer, loss=workload.loss(), metrics=metrics)
-    initial = float(model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)["loss"])
-    run = {"learning_rate": learning_rate, "seed": seed, "initial_loss": initial, "steps": [],
+    initial = None
+    run = {"learning_rate": learning_rate, "seed": seed, "refused": None, "steps": [],
            "seconds": [], "epoch_seconds": [], "train_loss": [], "val_score": []}  # fmt: skip
     elapsed = 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         start = time.perf_counter()
-        history = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+        try:
+            if epoch == 0:
+                optimizer = contestant.build(learning_rate, seed)
+                model.compile(optimizer=optimizer, loss=workload.loss(), metrics=metrics)
+                initial = model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
+                run["initial_loss"] = initial = float(initial["loss"])
+                start = time.perf_counter()
+            history = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            if epoch:
+                raise
+            # The optimizer refuses this workload (its loss, its model) with a clear error.
+            run["refused"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            return run
         spent = time.perf_counter() - start
         elapsed += spent
         loss = float(history.history["loss"][-1])
@@ -112,7 +129,7 @@ def train_run(
         if not math.isfinite(loss):
             run["val_score"].append(float("nan"))
             break
-        run["val_score"].append(_score(model, workload, data.x_val, data.y_val))
+        run["val_score"].append(validation_score(model, workload, data))
     last = run["train_loss"][-1]
     run["diverged"] = not math.isfinite(last) or last > 2.0 * initial
     run["final_val"] = run["val_score"][-1]
@@ -184,7 +201,7 @@ def run(mode: str = "default", log=print) -> dict:
     for wname in chosen:
         workload = WORKLOADS[wname]
         entry = {"description": workload.description, "score": workload.score,
-                 "target": workload.target, "contestants": {}}  # fmt: skip
+                 "target": workload.target, "contestants": {}, "refused": {}}  # fmt: skip
         for name in names:
             contestant = pool[name]
             if not applies(contestant, workload):
@@ -193,8 +210,14 @@ def run(mode: str = "default", log=print) -> dict:
             grid = []
             for rate in contestant.grid(config["exponents"]):
                 grid.append(train_run(workload, contestant, rate, config["seeds"][0], **kwargs))
+                if grid[-1]["refused"]:
+                    break
                 log(f"  {wname:24s} {name:22s} lr={rate} val={grid[-1]['final_val']:.4g}"
                     f"{' diverged' if grid[-1]['diverged'] else ''}")  # fmt: skip
+            if grid[-1]["refused"]:
+                log(f"  {wname:24s} {name:22s} refused: {grid[-1]['refused']}")
+                entry["refused"][name] = grid[-1]["refused"]
+                continue
             best = select(workload, grid)
             reruns = [] if best is None else [best] + [
                 train_run(workload, contestant, best["learning_rate"], seed, **kwargs)

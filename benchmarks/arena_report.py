@@ -9,8 +9,10 @@ SCORE_NAMES = {
     "accuracy": "validation accuracy ≥",
     "loss": "validation MSE ≤",
     "suboptimality": "training objective − optimum ≤",
+    "relative_error": "relative L2 error ≤",
 }
-TEST_NAMES = {"accuracy": "test accuracy", "loss": "test MSE", "suboptimality": "test loss"}
+TEST_NAMES = {"accuracy": "test accuracy", "loss": "test MSE", "suboptimality": "test loss",
+              "relative_error": "test relative L2 error"}  # fmt: skip
 
 
 def _pm(value, spec: str) -> str:
@@ -66,6 +68,8 @@ def workload_table(name: str, entry: dict, images: str) -> list[str]:
             f"{_pm(s['first_epoch_seconds'], '.1f')} | {s['state_bytes'] / 1024:.0f} KiB | "
             f"{s['diverged']}/{s['seeds']} ({grid}) |"
         )
+    for cname, reason in entry.get("refused", {}).items():
+        lines.append(f"| – | {cname} | refused: {reason.replace('|', '/')} |||||||||")
     lines += ["", f"![{name}]({images}/arena_{name}.png)", ""]
     return lines
 

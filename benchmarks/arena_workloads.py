@@ -8,7 +8,9 @@ validation *score* that selects a learning rate and defines the target:
 * the autoencoder scores validation mean squared error (lower is better);
 * the ill-conditioned logistic regression is an optimisation problem: it scores the
   suboptimality ``f(w) - f*`` of the regularised training objective, with ``f*`` from
-  scipy's L-BFGS-B run to machine precision on the same objective (lower is better).
+  scipy's L-BFGS-B run to machine precision on the same objective (lower is better);
+* the PINN (:mod:`benchmarks.arena_pinn`) scores the relative L2 error against the exact
+  solution (lower is better).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import cache
 import keras
 import numpy as np
 
+from benchmarks import arena_pinn
 from benchmarks.training import conv1d
 from benchmarks.training import mlp as reference_mlp
 from keras_curv.data import load_dataset, motif_sequences
@@ -49,8 +52,9 @@ class Workload:
         build: ``build(seed)`` returns an uncompiled model.
         loss: The compiled loss.
         score: ``"accuracy"`` (validation accuracy, higher is better), ``"loss"``
-            (validation loss, lower is better) or ``"suboptimality"`` (training objective
-            minus its optimum, lower is better).
+            (validation loss, lower is better), ``"suboptimality"`` (training objective
+            minus its optimum, lower is better) or ``"relative_error"`` (against an exact
+            solution, lower is better).
         target: The score that counts as reached.
         epochs: Step budget in epochs of ``batch_size``.
         batch_size: Mini-batch size.
@@ -64,7 +68,7 @@ class Workload:
     description: str
     data: Callable[[], Splits]
     build: Callable[[int], keras.Model]
-    loss: Callable[[], keras.losses.Loss]
+    loss: Callable[[], keras.losses.Loss | None]
     score: str
     target: float
     epochs: int
@@ -177,6 +181,15 @@ def logreg_solution() -> tuple[np.ndarray, float]:
     return result.x, float(result.fun)
 
 
+@cache
+def _pinn_points() -> Splits:
+    """Collocation points (targets unused) and the exact solution on two grids."""
+    x = arena_pinn.collocation(256, seed=0)
+    x_val, u_val = arena_pinn.solution_grid(nx=64, nt=32)
+    x_test, u_test = arena_pinn.solution_grid(nx=128, nt=64)
+    return Splits(x, np.zeros((len(x), 1), "float32"), x_val, u_val, x_test, u_test)
+
+
 def _autoencoder(seed: int) -> keras.Model:
     """A deep autoencoder 64-32-16-8-16-32-64 (ReLU, sigmoid output) on digits."""
     init = keras.initializers.GlorotUniform(seed)
@@ -192,6 +205,11 @@ def _autoencoder(seed: int) -> keras.Model:
 
 def _sparse_ce() -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _seeded_pinn(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return arena_pinn.ConvectionPINN(seed=seed)
 
 
 def _seeded(builder: Callable[[], keras.Model]) -> Callable[[int], keras.Model]:
@@ -243,6 +261,14 @@ WORKLOADS: dict[str, Workload] = {
             lambda: keras.losses.BinaryCrossentropy(from_logits=True),
             "suboptimality", 1e-3, epochs=20, batch_size=100, classification=False,
             full_batch=True, full_batch_steps=40, optimum=logreg_optimum,
+        ),
+        Workload(
+            "pinn_convection",
+            "PINN for 1-D convection (beta 5): tanh MLP 32x3, physics loss in compute_loss, "
+            "256 collocation points, batch 128",
+            _pinn_points, _seeded_pinn, lambda: None, "relative_error", 0.05,
+            epochs=60, batch_size=128, classification=False, full_batch=True,
+            full_batch_steps=120,
         ),
     )
 }  # fmt: skip

@@ -19,6 +19,7 @@ REQUIRED_PAGES = (
     "quickstart.md",
     "optimizers.md",
     "adahessian.md",
+    "shampoo.md",
     "class_subspace_newton.md",
     "sophia.md",
     "integration.md",

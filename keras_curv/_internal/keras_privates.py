@@ -121,6 +121,36 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
     return optimizer._get_variable_index(variable)
 
 
+# Keras's optimizer slots, by optimizer class: ``{slot: attribute}``. Keras keeps them in
+# private lists, one entry per trainable variable (found with ``variable_index``).
+_SLOTS = {
+    "adam": {"velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+    "rmsprop": {"velocity": "_velocities", "average_gradient": "_average_gradients"},
+}
+
+
+def optimizer_slots(optimizer: keras.optimizers.Optimizer, kind: str, slot: str) -> list | None:
+    """Keras's per-variable slot variables of an Adam(W) or RMSprop optimizer, or ``None``.
+
+    ``kind`` is ``"adam"`` or ``"rmsprop"``; ``slot`` one of ``velocity``,
+    ``velocity_hat`` (Adam with ``amsgrad``), ``average_gradient`` (RMSprop with
+    ``centered``). Read-only use: the preconditioned sharpness of the diagnostic callbacks
+    is computed from them.
+    """
+    value = getattr(optimizer, _SLOTS[kind][slot], None)
+    return list(value) if value else None
+
+
+def applied_steps(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The optimizer's raw step counter: one per applied ``apply`` call (a variable).
+
+    ``optimizer.iterations`` is this counter divided by ``gradient_accumulation_steps``
+    when accumulation is on; ``SkippedSteps`` needs one count per batch that updated.
+    A step skipped by a ``LossScaleOptimizer`` or a keras-curv optimizer leaves it as is.
+    """
+    return optimizer._iterations
+
+
 def calling_models(start_depth: int = 2) -> Iterator[keras.Model]:
     """The ``keras.Model`` instances among the receivers (``self``) of the callers.
 

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 
 from keras_curv._internal.optimizer import model_optimizer
-from keras_curv.callbacks._protocol import optimizer_summary
+from keras_curv.callbacks._protocol import optimizer_summary, protocol_method
 from keras_curv.callbacks._schedule import ProbeSchedule
 from keras_curv.callbacks.summaries import CurvatureWriter
 
@@ -25,7 +25,8 @@ class OptimizerLogs(keras.callbacks.Callback):
     ``<log_dir>/curvature`` run. Nothing is measured: the summary only reads the
     optimizer's state (for Sophia, ``clip_fraction`` and ``win_rate``, the authors'
     tuning signal), so training is the same with or without the callback. Vector entries
-    give one scalar per entry, ``<name>_1`` ... ``<name>_n``.
+    give one scalar per entry, ``<name>_1`` ..., or ``<name>_min/_mean/_max`` when long
+    (as ``HessianSpectrum`` logs them).
 
     Args:
         keys: The names to copy (default: all of them).
@@ -59,7 +60,7 @@ class OptimizerLogs(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         optimizer = model_optimizer(self.model)
-        if not callable(getattr(optimizer, "curvature_summary", None)):
+        if protocol_method(optimizer, "curvature_summary") is None:
             raise ValueError(
                 "OptimizerLogs needs an optimizer with `curvature_summary()` (Sophia, "
                 f"AdaHessian, ClassSubspaceNewton...); the model was compiled with "

@@ -10,6 +10,7 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.shampoo import Shampoo
 from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CurvatureOptimizer",
     "LayerCall",
     "LayerTap",
+    "Shampoo",
     "Sophia",
     "StepStatistics",
     "TrainBatch",

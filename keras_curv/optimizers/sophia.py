@@ -19,6 +19,8 @@ from keras import ops
 from keras_curv._internal import flat, validation
 from keras_curv._internal.keras_privates import track_optimizer_variable, variable_index
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import DiagonalOperator
 from keras_curv.optimizers import _labels, _sampled_labels, distribute
 from keras_curv.optimizers._graph import StepGate, refresh_gate
 from keras_curv.optimizers._hutchinson import next_seed, probe_estimates, rademacher
@@ -312,6 +314,38 @@ class Sophia(CurvatureOptimizer):
         momentums = [tf.convert_to_tensor(m) for m in self._momentums]
         hessians = [tf.convert_to_tensor(h) for h in self._hessians]
         return clipped_fraction(momentums, hessians, self.rho, self.epsilon)
+
+    def _flat_hessian(self) -> tf.Tensor | None:
+        """``h`` over all variables, flat; ``None`` before the first estimate."""
+        self._check_built()
+        if int(np.asarray(tf.convert_to_tensor(self._hessian_updates))) == 0:
+            return None
+        return flat.flatten([tf.convert_to_tensor(h) for h in self._hessians])
+
+    def curvature_model(self) -> DiagonalOperator | None:
+        """``diag(h)``: the estimate of the Hessian (Gauss–Newton) diagonal (protocol).
+
+        Flat layout of the optimizer's variables; ``None`` before the first estimate.
+        """
+        h = self._flat_hessian()
+        return None if h is None else DiagonalOperator(h)
+
+    def preconditioner(self) -> DiagonalOperator | None:
+        """``P = diag(ρ·max(h, 0) + ε)``: the unclipped step is ``−lr·P⁻¹m`` (protocol).
+
+        The clip stays out of ``P``: a clipped coordinate moves by less than ``lr·P⁻¹m``.
+        ``None`` before the first estimate (every coordinate is clipped until then).
+        """
+        h = self._flat_hessian()
+        if h is None:
+            return None
+        rho, epsilon = exact_cast(self.rho, h.dtype), exact_cast(self.epsilon, h.dtype)
+        return DiagonalOperator(rho * tf.maximum(h, 0) + epsilon)
+
+    def stability_threshold(self) -> float:
+        """``(2 + 2β1) / ((1 − β1) η)``: ``m`` is an EMA of the gradient (protocol)."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.beta_1, "ema")
 
     def curvature_summary(self) -> dict[str, tf.Tensor]:
         """The optimizer's state for the diagnostic callbacks (read only).

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from benchmarks import arena, arena_report
@@ -90,3 +91,25 @@ def test_smoke_arena_runs_the_protocol(tmp_path):
     assert (tmp_path / "arena_digits_cnn.png").stat().st_size > 0
     text = arena_report.markdown(result)
     assert "### digits_cnn" in text and "| 1 |" in text
+
+
+def test_pinn_loss_is_the_convection_residual_by_finite_differences():
+    from benchmarks.arena_pinn import BETA, ConvectionPINN, collocation
+
+    model = ConvectionPINN(seed=0)
+    points = collocation(64, seed=3).astype("float64")
+    model(points[:1].astype("float32"))
+
+    def u(p):
+        return model.predict(p.astype("float32"), verbose=0)[:, 0].astype("float64")
+
+    h = 1e-2
+    dx = (u(points + [h, 0]) - u(points - [h, 0])) / (2 * h)
+    dt = (u(points + [0, h]) - u(points - [0, h])) / (2 * h)
+    expected = (
+        np.mean((dt + BETA * dx) ** 2)
+        + np.mean((u(model.initial) - model.initial_u) ** 2)
+        + np.mean((u(model.left) - u(model.right)) ** 2)
+    )
+    loss = float(model.compute_loss(points.astype("float32")))
+    assert loss == pytest.approx(expected, rel=2e-3)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_curv._internal.keras_privates import stateless_seed
 from keras_curv.optimizers import Sophia, _sampled_labels
+from keras_curv.optimizers.sophia import sophia_direction
 from tests.conftest import float64_everywhere
 
 LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -420,3 +421,31 @@ def test_curvature_step_in_a_hand_written_loop():
     losses = [float(curvature_step(model, opt, LOGITS_CE, x, y)) for _ in range(20)]
     assert losses[-1] < 0.8 * losses[0]
     assert int(opt.hessian_updates) == 9
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
+def test_protocol_operators_reproduce_the_unclipped_step(estimator):
+    x, y, _ = _classification()
+    model = _mlp64()
+    opt = Sophia(0.05, rho=5.0, update_every=2, estimator=estimator, seed=3)
+    model.compile(optimizer=opt, loss=LOGITS_CE)
+    model.train_on_batch(x, y)
+    assert opt.preconditioner() is None and opt.curvature_model() is None  # no estimate yet
+    for _ in range(4):
+        model.train_on_batch(x, y)
+    state = [v.numpy().copy() for v in opt.variables]
+    m = np.concatenate([v.numpy().ravel() for v in opt._momentums])
+    h = np.concatenate([v.numpy().ravel() for v in opt.hessian_diagonal_ema])
+    np.testing.assert_array_equal(np.diag(opt.curvature_model().to_dense()), h)
+    p = opt.preconditioner().diagonal.numpy()
+    direction = np.concatenate(
+        [np.ravel(sophia_direction(a, b, 5.0, opt.epsilon))
+         for a, b in zip(opt._momentums, opt.hessian_diagonal_ema)]
+    )  # fmt: skip
+    unclipped = np.abs(m) < p
+    assert 0 < unclipped.sum() < len(m)  # both kinds of coordinates are checked
+    np.testing.assert_allclose(direction[unclipped], (m / p)[unclipped], rtol=1e-12)
+    np.testing.assert_array_equal(np.abs(direction[~unclipped]), 1.0)
+    assert opt.stability_threshold() == pytest.approx((2 + 2 * 0.965) / (0.035 * 0.05))
+    for before, after in zip(state, opt.variables):  # read only
+        np.testing.assert_array_equal(before, after.numpy())
