@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
+    KFAC,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
@@ -18,6 +19,7 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
     "TrainBatch",
     "attach",
     "curvature",

@@ -10,12 +10,14 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.kfac import KFAC
 
 __all__ = [
     "AdaHessian",
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
     "LayerCall",
     "LayerTap",
     "StepStatistics",
