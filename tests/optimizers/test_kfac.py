@@ -5,9 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from keras_curv.optimizers import KFAC, curvature_step
+from keras_curv.optimizers import KFAC
 
 SCCE = keras.losses.SparseCategoricalCrossentropy
 
@@ -98,10 +97,21 @@ def _numpy_kfac(weights, batches, *, lr, damping, momentum, decay, inverse_every
 
 GOLDEN = {
     "plain": {"momentum": 0.0, "decay": 0.0, "inverse_every": 1, "norm": None, "wd": 0.0},
-    "momentum_norm_wd": {"momentum": 0.5, "decay": 0.0, "inverse_every": 1, "norm": 1e-3,
-                         "wd": 0.0625},  # fmt: skip
-    "ema_stale_inverses_weights": {"momentum": 0.9, "decay": 0.8, "inverse_every": 3,
-                                   "norm": None, "wd": 0.0, "weighted": True},  # fmt: skip
+    "momentum_norm_wd": {
+        "momentum": 0.5,
+        "decay": 0.0,
+        "inverse_every": 1,
+        "norm": 1e-3,
+        "wd": 0.0625,
+    },  # fmt: skip
+    "ema_stale_inverses_weights": {
+        "momentum": 0.9,
+        "decay": 0.8,
+        "inverse_every": 3,
+        "norm": None,
+        "wd": 0.0,
+        "weighted": True,
+    },  # fmt: skip
 }
 
 
