@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal import validation
@@ -585,7 +586,9 @@ def _noise(seed, z, samples, offset, local):
 
     Drawn for all ``samples`` of the global batch from the step's seed and sliced at this
     replica's ``offset``, so that every sample gets the same draw on one device and on
-    several replicas.
+    several replicas. Built from integer draws with non-negative keys, which XLA
+    reproduces bit for bit (its float draws, and its integer draws from keys with a
+    negative entry, differ from TensorFlow's).
     """
     total = tf.cast(samples, tf.int32)
     start = tf.cast(offset, tf.int32)
@@ -593,18 +596,27 @@ def _noise(seed, z, samples, offset, local):
     dtype = tf.float64 if z.dtype == tf.float64 else tf.float32
     kinds = {"uniform": 1, "normal": 2, "sign": 3}
 
+    def uniform(shape, key):
+        bits = tf.random.stateless_uniform(shape, key, minval=None, maxval=None, dtype=tf.uint32)
+        return (tf.cast(bits, tf.float64) + 0.5) * 2.0**-32  # in (0, 1)
+
+    def fold(key, data):
+        return tf.bitwise.bitwise_and(
+            tf.random.experimental.stateless_fold_in(key, data), 2**31 - 1
+        )
+
     def draw(kind: str) -> tf.Tensor:
-        key = tf.random.experimental.stateless_fold_in(seed, kinds[kind])
+        key = fold(seed, kinds[kind])
+        shape = [total] if kind == "sign" else tf.concat([[total], tf.shape(z)[1:]], 0)
+        u = uniform(shape, key)
         if kind == "sign":
-            bits = tf.random.stateless_uniform([total], key, dtype=dtype) < 0.5
-            values = tf.where(bits, tf.ones([total], dtype), -tf.ones([total], dtype))
+            values = tf.where(u < 0.5, -tf.ones_like(u), tf.ones_like(u))
+        elif kind == "normal":  # Box–Muller
+            v = uniform(shape, fold(key, 1))
+            values = tf.sqrt(-2.0 * tf.math.log(u)) * tf.cos(2.0 * np.pi * v)
         else:
-            shape = tf.concat([[total], tf.shape(z)[1:]], 0)
-            if kind == "normal":
-                values = tf.random.stateless_normal(shape, key, dtype=dtype)
-            else:
-                values = tf.random.stateless_uniform(shape, key, minval=1e-20, dtype=dtype)
-        return values[start : start + size]
+            values = u
+        return tf.cast(values[start : start + size], dtype)
 
     return draw
 

@@ -90,7 +90,7 @@ def weighted_ema(old: tf.Tensor, new: tf.Tensor, decay: float, count: tf.Tensor)
     """The bias-corrected moving average after its ``count``-th update (``count`` ≥ 1).
 
     ```
-    w = (1 − ε) / (1 − ε^count),   F ← F + w (F_batch − F)
+    w = (1 − ε) / (1 − ε^count),   F ← (1 − w) F + w F_batch
     ```
 
     equals ``EMA / (1 − ε^count)`` of the raw moving average: the first update takes the
@@ -99,7 +99,7 @@ def weighted_ema(old: tf.Tensor, new: tf.Tensor, decay: float, count: tf.Tensor)
     dtype = old.dtype
     decay_t = exact_cast(decay, dtype)
     weight = (1 - decay_t) / (1 - tf.pow(decay_t, tf.cast(count, dtype)))
-    return old + weight * (tf.cast(new, dtype) - old)
+    return (1 - weight) * old + weight * tf.cast(new, dtype)
 
 
 # ----------------------------------------------------------------- inverses
@@ -159,7 +159,7 @@ def damped_kronecker_solve(
         ``Δ``, shaped like ``v``.
     """
     dtype = v.dtype
-    root = tf.sqrt(tf.cast(damping, dtype))
+    root = tf.sqrt(exact_cast(damping, dtype))
     pi = tf.cast(pi, dtype)[..., None]
     a_damped = a[1] + pi * root
     g_damped = g[1] + root / pi
@@ -176,7 +176,7 @@ def kronecker_product(v: tf.Tensor, a: tf.Tensor, g: tf.Tensor, a_diagonal: bool
 
 def damped_diagonal_solve(v: tf.Tensor, diagonal: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
     """``v / (d + λ)``: the step of a diagonal block."""
-    return v / (tf.cast(diagonal, v.dtype) + tf.cast(damping, v.dtype))
+    return v / (tf.cast(diagonal, v.dtype) + exact_cast(damping, v.dtype))
 
 
 # ----------------------------------------------------------------- the step
@@ -215,7 +215,7 @@ def quadratic_model_change(
     damping: tf.Tensor,
 ) -> tf.Tensor:
     """``M(δ) − M(0) = gᵀδ + ½ δᵀ F̂ δ + ½ λ ‖δ‖²``: the reduction the quadratic model predicts."""
-    damping = tf.cast(damping, gradient_dot_step.dtype)
+    damping = exact_cast(damping, gradient_dot_step.dtype)
     return gradient_dot_step + 0.5 * step_curvature_step + 0.5 * damping * step_norm_sq
 
 
@@ -228,9 +228,8 @@ def adapted_damping(
 ) -> tf.Tensor:
     """The Levenberg–Marquardt rule: ``λ ← ω λ`` if ``ρ > 3/4``, ``λ / ω`` if ``ρ < 1/4``.
 
-    ``ρ`` is the actual over the predicted reduction of the loss; a NaN ``ρ`` (no
-    prediction) leaves ``λ`` as it is, a ``−∞`` one (the trial loss was not finite)
-    raises it. The result is clipped to ``[minimum, maximum]``.
+    ``ρ`` is the actual over the predicted reduction of the loss (:func:`reduction_ratio`);
+    a NaN ``ρ`` leaves ``λ`` as it is. The result is clipped to ``[minimum, maximum]``.
     """
     dtype = damping.dtype
     omega_t = exact_cast(omega, dtype)
@@ -244,9 +243,15 @@ def adapted_damping(
 
 
 def reduction_ratio(actual: tf.Tensor, predicted: tf.Tensor) -> tf.Tensor:
-    """``ρ = actual / predicted`` for a predicted decrease; NaN if none is predicted, −∞ for a
-    non-finite ``actual``."""
+    """``ρ = actual / predicted`` for a predicted decrease, else ``−∞``.
+
+    A step that the quadratic model itself predicts to increase the loss (a learning
+    rate or momentum too large for it), or whose trial loss is not finite, counts as a
+    failure: :func:`adapted_damping` then raises ``λ``.
+    """
     dtype = predicted.dtype
     actual = tf.cast(actual, dtype)
-    ratio = tf.where(predicted < 0, actual / tf.where(predicted < 0, predicted, -1), float("nan"))
-    return tf.where(tf.math.is_finite(actual), ratio, tf.constant(-float("inf"), dtype))
+    decrease = predicted < 0
+    ratio = actual / tf.where(decrease, predicted, -1)
+    usable = tf.logical_and(decrease, tf.math.is_finite(actual))
+    return tf.where(usable, ratio, tf.constant(-float("inf"), dtype))
