@@ -39,6 +39,7 @@ from keras_curv.optimizers.kfac_blocks import (
 )
 
 _SHARED = {"aggregation": "only_first_replica"}
+FALLBACKS = ("isotropic", "diagonal")
 
 
 @keras.saving.register_keras_serializable(package="keras_curv")
@@ -79,6 +80,8 @@ class KFAC(CurvatureOptimizer):
         damping_adaptation_decay: ``λ`` changes by ``ω = decay ** every`` per adaptation.
         min_damping, max_damping: Bounds of the adapted damping (``None``: no upper one).
         max_factor_size: Factors larger than this are kept diagonal.
+        fallback: The block of variables no layer block takes: ``"isotropic"`` (the mean
+            of the variable's diagonal Fisher) or ``"diagonal"``.
         seed: Seed of the sampled labels and signs, or ``None``.
         name: Name of the optimizer.
         **kwargs: Keras's optimizer arguments (``weight_decay``, ``clipnorm``, ``use_ema``...).
@@ -95,7 +98,7 @@ class KFAC(CurvatureOptimizer):
         self,
         learning_rate: Any = 0.1,
         damping: float = 0.1,
-        momentum: float = 0.9,
+        momentum: float = 0.8,
         ema_decay: float = 0.95,
         curvature_update_every: int = 1,
         inverse_update_every: int = 10,
@@ -107,6 +110,7 @@ class KFAC(CurvatureOptimizer):
         min_damping: float = 1e-8,
         max_damping: float | None = None,
         max_factor_size: int = MAX_FACTOR_SIZE,
+        fallback: str = "isotropic",
         seed: int | None = None,
         name: str = "kfac",
         **kwargs: Any,
@@ -144,6 +148,7 @@ class KFAC(CurvatureOptimizer):
                 f"max_damping={self.max_damping}."
             )
         self.max_factor_size = validation.integer(max_factor_size, "max_factor_size", minimum=1)
+        self.fallback = validation.choice(fallback, "fallback", FALLBACKS)
         self.seed = validation.seed(seed)
         object.__setattr__(self, "_blocks", None)
 
@@ -181,7 +186,12 @@ class KFAC(CurvatureOptimizer):
         """Plans the blocks of ``model`` and creates their factors and eigendecompositions."""
         if self._blocks is not None or model is None:
             return
-        blocks = plan_blocks(model, self._trainable_variables, self.max_factor_size)
+        blocks = plan_blocks(
+            model,
+            self._trainable_variables,
+            self.max_factor_size,
+            isotropic_fallback=self.fallback == "isotropic",
+        )
         try:
             with tf.init_scope():
                 factors, eigens = [], []
@@ -230,6 +240,7 @@ class KFAC(CurvatureOptimizer):
             }
             if isinstance(block, DiagonalBlock):
                 entry["reasons"] = list(block.reasons)
+                entry["isotropic"] = block.isotropic
             out.append(entry)
         return out
 
@@ -572,6 +583,7 @@ class KFAC(CurvatureOptimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "max_factor_size": self.max_factor_size,
+                "fallback": self.fallback,
                 "seed": self.seed,
             }
         )
@@ -643,13 +655,9 @@ def _solve(blocks: tuple[Block, ...], factors, eigens, gradients, damping) -> li
         tensors = [gradients[i] for i in block.indices]
         if isinstance(block, KroneckerBlock):
             solved = block.solve(e, tensors, damping)
-        elif isinstance(block, NormBlock):
-            solved = [
-                km.damped_diagonal_solve(t, f[r], damping) for t, r in zip(tensors, block.roles)
-            ]
         else:
             solved = [
-                km.damped_diagonal_solve(t, f[f"d{j}"], damping) for j, t in enumerate(tensors)
+                km.damped_diagonal_solve(t, d, damping) for t, d in zip(tensors, block.diagonals(f))
             ]
         for i, d in zip(block.indices, solved):
             directions[i] = tf.cast(d, gradients[i].dtype)
@@ -661,7 +669,9 @@ def _curvature(block: Block, factors: dict, steps: list[tf.Tensor]) -> tf.Tensor
     tensors = [steps[i] for i in block.indices]
     if isinstance(block, KroneckerBlock):
         return tf.cast(block.curvature(factors, tensors), steps[0].dtype)
-    names = block.roles if isinstance(block, NormBlock) else [f"d{j}" for j in range(len(tensors))]
     return tf.add_n(
-        [tf.reduce_sum(tf.cast(factors[n], t.dtype) * tf.square(t)) for n, t in zip(names, tensors)]
+        [
+            tf.reduce_sum(tf.cast(d, t.dtype) * tf.square(t))
+            for d, t in zip(block.diagonals(factors), tensors)
+        ]
     )

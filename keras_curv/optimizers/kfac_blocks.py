@@ -337,6 +337,10 @@ class NormBlock(Block):
     def factors(self, sums: dict, samples: tf.Tensor) -> dict:
         return {role: sums[role] / tf.cast(samples, self.dtype) for role in self.roles}
 
+    def diagonals(self, factors: dict) -> list[tf.Tensor]:
+        """The curvature of each variable, shaped like it."""
+        return [factors[role] for role in self.roles]
+
 
 def _normalized(outputs: tf.Tensor, gamma: Any, gate: Any) -> tf.Tensor:
     """``x̂ = ∂s/∂γ · 1``, by a double VJP (exact for any ``s`` affine in ``γ`` per channel)."""
@@ -353,13 +357,19 @@ def _normalized(outputs: tf.Tensor, gamma: Any, gate: Any) -> tf.Tensor:
 class DiagonalBlock(Block):
     """The fallback: ``diag F ≈ (Σ_n ε_n g_n)² / N`` per variable (see the module docstring).
 
+    That estimate is unbiased but noisy entry by entry (one random projection per step):
+    ``isotropic`` blocks precondition each variable by the mean of its diagonal instead,
+    ``F ≈ (tr F_v / dim v) I``, whose estimate averages over the whole variable.
+
     Attributes:
         shapes: The variables' shapes.
         reasons: Why each variable is here (for :meth:`KFAC.blocks`).
+        isotropic: One curvature per variable (else per entry).
     """
 
     shapes: tuple[tuple[int, ...], ...] = ()
     reasons: tuple[str, ...] = ()
+    isotropic: bool = True
 
     def __post_init__(self) -> None:
         self.kind = "diagonal"
@@ -375,6 +385,14 @@ class DiagonalBlock(Block):
 
     def factors(self, sums: dict, samples: tf.Tensor) -> dict:
         return {name: value / tf.cast(samples, self.dtype) for name, value in sums.items()}
+
+    def diagonals(self, factors: dict) -> list[tf.Tensor]:
+        """The curvature of each variable, shaped like it (its mean if ``isotropic``)."""
+        out = []
+        for i in range(len(self.shapes)):
+            d = factors[f"d{i}"]
+            out.append(tf.reduce_mean(d) * tf.ones_like(d) if self.isotropic else d)
+        return out
 
 
 # --------------------------------------------------------------------- the plan
@@ -399,12 +417,16 @@ def _layer_variables(layer: keras.layers.Layer) -> tuple[str, list[tuple[str, An
 
 
 def plan_blocks(
-    model: keras.Model, variables: Sequence[Any], max_factor_size: int = MAX_FACTOR_SIZE
+    model: keras.Model,
+    variables: Sequence[Any],
+    max_factor_size: int = MAX_FACTOR_SIZE,
+    isotropic_fallback: bool = True,
 ) -> list[Block]:
     """The blocks of ``model``'s trainable ``variables`` (in the optimizer's order).
 
     Every variable is in exactly one block; the last block is the :class:`DiagonalBlock`
-    of the variables no layer block takes (absent when there are none).
+    of the variables no layer block takes (absent when there are none), isotropic per
+    variable if ``isotropic_fallback``.
     """
     index = {id(v): i for i, v in enumerate(variables)}
     candidates = []
@@ -468,6 +490,7 @@ def plan_blocks(
                 curvature_dtype(variables[rest[0]].dtype),
                 shapes=tuple(tuple(variables[i].shape) for i in rest),
                 reasons=reasons,
+                isotropic=isotropic_fallback,
             )  # fmt: skip
         )
     return blocks

@@ -311,12 +311,35 @@ def test_untapped_layers_fall_back_to_the_diagonal_fisher():
             "variables": ["einsum/kernel", "einsum/bias"],
             "factor_shapes": {"d0": (4, 3), "d1": (3,)},
             "reasons": ["untapped layer", "untapped layer"],
+            "isotropic": True,
         }
     ]
     # One sample: (ε g)² = g², the diagonal empirical Fisher exactly.
     diagonal = optimizer.factors("<diagonal>")
     np.testing.assert_allclose(diagonal["d0"], grads[0].numpy() ** 2, rtol=1e-12)
     np.testing.assert_allclose(diagonal["d1"], grads[1].numpy() ** 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fallback", ["isotropic", "diagonal"])
+def test_fallback_step_divides_by_the_diagonal_or_its_mean(fallback):
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((4,), dtype="float64")
+    hidden = keras.layers.EinsumDense("ab,bc->ac", output_shape=3, name="einsum",
+                                      dtype="float64")(inputs)  # fmt: skip
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out", dtype="float64")(hidden))
+    x, y = _data((4,), 1)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
+    g = tape.gradient(loss, model.trainable_variables)[0].numpy()
+    before = model.get_weights()[0]
+    optimizer = KFAC(1.0, damping=0.1, momentum=0.0, ema_decay=0.0, norm_constraint=None,
+                     fisher="empirical", fallback=fallback)  # fmt: skip
+    model.compile(optimizer=optimizer, loss=SCCE)
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+    # One sample: diag F = g² exactly; the isotropic block uses its mean over the kernel.
+    curvature = np.mean(g**2) if fallback == "isotropic" else g**2
+    np.testing.assert_allclose(before - model.get_weights()[0], g / (curvature + 0.1), rtol=1e-10)
+    assert optimizer.blocks[-1]["isotropic"] is (fallback == "isotropic")
 
 
 # ----------------------------------------------------------------------- the Fisher
