@@ -38,7 +38,7 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+    from keras_curv.optimizers import KFAC, AdaHessian, ClassSubspaceNewton
 
     return {
         "sgd": OptimizerPreset(
@@ -62,10 +62,15 @@ def _presets() -> dict[str, OptimizerPreset]:
                 lr, gamma=0.9, curvature="gauss_newton", damping=1.0
             ),
         ),
+        "kfac": OptimizerPreset(
+            "KFAC (its defaults: model Fisher, damping 0.1, KL norm constraint 0.01)",
+            0.1,
+            lambda lr, seed: KFAC(lr, seed=seed),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn")
+OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn", "kfac")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -75,6 +80,7 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
               gamma 0.9, no momentum
+  kfac        KFAC with its defaults, lr 0.1 (docs/kfac.md)
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the

@@ -27,3 +27,15 @@ def test_defaults_train_every_zoo_model():
         measured = result["mean"] if name == "batchnorm_cnn" else result["final"]
         assert measured < 0.95 * result["initial"], (name, result)
         assert result["max_weight_change"] < 2.0, (name, result)  # no blow-up
+
+
+@pytest.mark.slow
+def test_compare_offers_kfac(tmp_path):
+    from keras_curv import cli
+
+    argv = ["compare", "--optimizers", "kfac,sgd", "--epochs", "2", "--max-train", "256",
+            "--max-test", "64", "--logdir", str(tmp_path)]  # fmt: skip
+    result = cli.run_compare(cli._parser().parse_args(argv))
+    assert list(result["optimizers"]) == ["kfac", "sgd"]
+    losses = result["optimizers"]["kfac"]["history"]["loss"]
+    assert len(losses) == 2 and losses[1] < losses[0]
