@@ -78,7 +78,8 @@ class KFAC(CurvatureOptimizer):
             model's prediction) every ``damping_adaptation_every`` steps.
         damping_adaptation_every: Steps between adaptations.
         damping_adaptation_decay: ``λ`` changes by ``ω = decay ** every`` per adaptation.
-        min_damping, max_damping: Bounds of the adapted damping (``None``: no upper one).
+        min_damping: Lower bound of the adapted damping.
+        max_damping: Upper bound of the adapted damping (``None``: none).
         max_factor_size: Factors larger than this are kept diagonal.
         fallback: The block of variables no layer block takes: ``"isotropic"`` (the mean
             of the variable's diagonal Fisher) or ``"diagonal"``.
