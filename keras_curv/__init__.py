@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from keras_curv._internal import versions as _versions  # noqa: E402
+
+_versions.check_versions()  # before the imports below, whose errors an old Keras would obscure
+
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
     KFAC,
@@ -9,6 +13,7 @@ from keras_curv.optimizers import (  # noqa: E402
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    Shampoo,
     TrainBatch,
     attach,
     curvature_step,
@@ -20,6 +25,7 @@ __all__ = [
     "CurvatureContextError",
     "CurvatureOptimizer",
     "KFAC",
+    "Shampoo",
     "TrainBatch",
     "attach",
     "curvature",

@@ -11,6 +11,7 @@ from keras_curv.optimizers.contract import (
 )
 from keras_curv.optimizers.distribute import replica_sum
 from keras_curv.optimizers.kfac import KFAC
+from keras_curv.optimizers.shampoo import Shampoo
 
 __all__ = [
     "AdaHessian",
@@ -20,6 +21,7 @@ __all__ = [
     "KFAC",
     "LayerCall",
     "LayerTap",
+    "Shampoo",
     "StepStatistics",
     "TrainBatch",
     "attach",
