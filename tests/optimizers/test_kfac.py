@@ -193,12 +193,15 @@ def test_jit_compile_and_steps_per_execution_give_the_same_training():
     with pytest.warns(UserWarning, match="jit_compile"):
         compiled, _ = _weights_after(_every_option, jit=True, spe=3)
     # XLA's eigensolver (Jacobi) differs from LAPACK's in the last places, and in the
-    # eigenvectors' signs: the trajectories agree to ~1e-9.
+    # eigenvectors' signs: the trajectories agree to ~1e-9 of each array's scale
+    # (measured: 1.2e-9 on a momentum buffer of scale 0.5; a wrong step is off by O(1)).
     for a, b in zip(reference.get_weights(), compiled.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
     for a, b in zip(reference.optimizer.variables, compiled.optimizer.variables):
         if "vectors" not in a.path:
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-9)
+            a, b = np.asarray(a), np.asarray(b)
+            scale = max(1e-3, float(np.max(np.abs(a))))
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-8 * scale)
     # steps_per_execution, and the sampled labels: the same seed, the same training.
     spe, _ = _weights_after(_every_option, spe=3)
     for a, b in zip(reference.get_weights(), spe.get_weights()):
