@@ -22,6 +22,7 @@ REQUIRED_PAGES = (
     "shampoo.md",
     "class_subspace_newton.md",
     "kfac.md",
+    "sophia.md",
     "integration.md",
     "callbacks.md",
     "tensorboard.md",

@@ -12,6 +12,7 @@ from keras_curv.optimizers.contract import (
 from keras_curv.optimizers.distribute import replica_sum
 from keras_curv.optimizers.kfac import KFAC
 from keras_curv.optimizers.shampoo import Shampoo
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -22,6 +23,7 @@ __all__ = [
     "LayerCall",
     "LayerTap",
     "Shampoo",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",
