@@ -57,3 +57,18 @@ def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
     return [
         tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)
     ]
+
+
+def flatten_rows(tensors: Sequence[tf.Tensor], dtype: tf.DType | None = None) -> tf.Tensor:
+    """``(k, *shape)`` tensors, one per variable, as one ``(k, dim)`` block of flat rows."""
+    parts = [tf.reshape(t, [tf.shape(t)[0], -1]) for t in tensors]
+    if dtype is not None:
+        parts = [tf.cast(p, dtype) for p in parts]
+    return tf.concat(parts, axis=1)
+
+
+def unflatten_rows(rows: tf.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[tf.Tensor]:
+    """Splits a ``(k, dim)`` block of flat rows into ``(k, *shape)`` tensors of ``shapes``."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    pieces = tf.split(rows, sizes, axis=1)
+    return [tf.reshape(p, [-1, *shape]) for p, shape in zip(pieces, shapes)]
