@@ -4,10 +4,13 @@ __version__ = "0.1.0"
 
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
+    OSGM,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    Lookahead,
+    SketchySGD,
     TrainBatch,
     attach,
     curvature_step,
@@ -18,6 +21,9 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "Lookahead",
+    "OSGM",
+    "SketchySGD",
     "TrainBatch",
     "attach",
     "curvature",

@@ -10,6 +10,9 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.lookahead import Lookahead
+from keras_curv.optimizers.osgm import OSGM
+from keras_curv.optimizers.sketchy_sgd import SketchySGD
 
 __all__ = [
     "AdaHessian",
@@ -18,6 +21,9 @@ __all__ = [
     "CurvatureOptimizer",
     "LayerCall",
     "LayerTap",
+    "Lookahead",
+    "OSGM",
+    "SketchySGD",
     "StepStatistics",
     "TrainBatch",
     "attach",
