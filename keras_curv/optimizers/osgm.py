@@ -121,7 +121,10 @@ class OSGM(CurvatureOptimizer):
         slots = self.add_optimizer_variables(var_list, names)
         self._accumulators, self._previous_gradients = slots[0], slots[1]
         self._velocities = slots[2] if self.momentum else []
-        initial = keras.initializers.Constant(self.initial_scale)
+        def initial(shape, dtype):
+            # Not keras.initializers.Constant: it rounds the value through float32.
+            return tf.fill(shape, exact_cast(self.initial_scale, dtype))
+
         self._scales = [
             self.add_variable_from_reference(v, name="scale", initializer=initial) for v in var_list
         ]

@@ -103,3 +103,41 @@ def numpy_sketchy_sgd(
             w = w - lr * direction
             t += 1
     return w
+
+
+def numpy_osgm(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    epochs: int,
+    *,
+    w0: np.ndarray | None = None,
+    learning_rate: float = 1e-3,
+    initial_scale: float = 0.0,
+    max_scale: float = 1.0,
+    momentum: float = 0.9,
+    epsilon: float = 1e-12,
+) -> np.ndarray:
+    """OSGM's weights after ``epochs`` unshuffled epochs of least squares (y of shape (n,)).
+
+    At step k with the batch loss f_k and gradient g_k at the current weights:
+    h = g_k ⊙ g_{k−1} / max(f_{k−1}, 1e-12), v ← v + h², P ← clip(P + η h/(√v + ε), 0, P_max),
+    b ← β b + P ⊙ g_k, w ← w − b; g_{−1} = 0 and f_{−1} = 1.
+    """
+    n, dim = x.shape
+    w = np.zeros(dim) if w0 is None else np.array(w0, float)
+    scale, accumulator = np.full(dim, initial_scale), np.zeros(dim)
+    previous, previous_loss, velocity = np.zeros(dim), 1.0, np.zeros(dim)
+    for _ in range(epochs):
+        for start in range(0, n, batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            residual = xb @ w - yb
+            loss, g = np.mean(residual**2), 2.0 / len(xb) * xb.T @ residual
+            h = g * previous / max(previous_loss, 1e-12)
+            accumulator = accumulator + h**2
+            scale = scale + learning_rate * h / (np.sqrt(accumulator) + epsilon)
+            scale = np.clip(scale, 0, max_scale)
+            velocity = momentum * velocity + scale * g
+            w = w - velocity
+            previous, previous_loss = g, loss
+    return w
