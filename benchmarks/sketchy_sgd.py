@@ -247,6 +247,7 @@ def main(argv=None) -> dict:
         table = _compare(linear(x.shape[1], l2), x, y, loss, epochs=epochs, batch_size=256,
                          target=target)  # fmt: skip
         report["workloads"][name] = {"optimum": optimum, "target": target, **table}
+        _write(report, args.output)  # after each workload: a long run keeps what it measured
         print(name, f"optimum {optimum:.4g}", f"({time.perf_counter() - started:.0f} s)")
         for key, row in table.items():
             if "final_loss" in row:
@@ -257,15 +258,20 @@ def main(argv=None) -> dict:
                      batch_size=128, target=0.5, test=(data.x_test, data.y_test),
                      osgm=not args.quick)  # fmt: skip
     report["workloads"]["mnist1d_mlp"] = {"target": 0.5, **table}
+    _write(report, args.output)
     for key, row in table.items():
         if "final_loss" in row:
             print(f"  mnist1d {key:24s} loss {row['final_loss']} acc {row.get('test_accuracy')}")
     report["step_cost"] = step_cost(data.x_train[:2048], data.y_train[:2048],
                                     repeats=2 if args.quick else 5)  # fmt: skip
     print(json.dumps(report["step_cost"]["ratio_to_sgd"], indent=1))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
+    _write(report, args.output)
     return report
+
+
+def _write(report: dict, output: str) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -247,7 +247,14 @@ class SketchySGD(CurvatureOptimizer):
         # LAPACK's eigendecomposition raises on NaN: factor zeros instead, and report.
         finite = distribute.all_finite([sketch])
         sketch = tf.where(finite, sketch, tf.zeros_like(sketch))
-        values, vectors = nystrom_factors(omega, tf.transpose(sketch))
+        # Factored at unit max (the approximation is homogeneous in Y): a finite sketch
+        # of 1e20 would overflow the float32 core ΩᵀY and fail the eigendecomposition.
+        # A power of two, so that the scaling itself rounds nothing.
+        largest = tf.reduce_max(tf.abs(sketch))
+        exponent = tf.math.floor(tf.math.log(largest) / math.log(2.0))
+        scale = tf.where(largest > 0, tf.pow(tf.cast(2, sketch.dtype), exponent), 1)
+        values, vectors = nystrom_factors(omega, tf.transpose(sketch / scale))
+        values = values * scale
         values, vectors, rho = skm.split_spectrum(values, vectors, self.rank, self.rho)
         return [gate.exit(t) for t in (values, vectors, rho, finite)]
 

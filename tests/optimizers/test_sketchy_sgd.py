@@ -400,3 +400,17 @@ def test_defaults_train_every_zoo_model():
         # training-mode loss is (SketchySGD 1.94, Adam 2.34, SGD 2.38).
         trained = result["mean"] if "batchnorm" in name else result["final"]
         assert trained < result["initial"], (name, result)
+
+
+def test_a_huge_but_finite_sketch_is_factored():
+    """Curvature ~1e20 in float32: ‖Y‖² overflows unless the sketch is factored at unit max
+    (before, the eigendecomposition raised and stopped fit)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 6)) * 1e10).astype(np.float32)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, use_bias=False)])
+    opt = SketchySGD(rank=2, oversampling=4, seed=0)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, rng.standard_normal((16, 1)), batch_size=16, verbose=0)
+    exact = np.linalg.eigvalsh(2 / 16 * x.astype(np.float64).T @ x)[::-1][:2]
+    assert int(opt.sketch_updates) == 1
+    np.testing.assert_allclose(opt.eigenvalues.numpy(), exact, rtol=1e-3)
