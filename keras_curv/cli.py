@@ -512,7 +512,8 @@ def run_compare(args: argparse.Namespace) -> dict:
         histories[name] = {key: [float(v) for v in values] for key, values in history.items()}
         results[name] = {
             "description": presets[name].description,
-            "learning_rate": rate,
+            # An automatic rate (None) is recorded as the step size the optimizer ended with.
+            "learning_rate": float(model.optimizer.learning_rate) if rate is None else rate,
             "final": {
                 key: _finite_or_none(_last(history, key))
                 for key in ("loss", "accuracy", "val_loss", "val_accuracy")
