@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from keras_curv._internal import versions as _versions  # noqa: E402
+
+_versions.check_versions()  # before the imports below, whose errors an old Keras would obscure
+
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
     OSGM,
@@ -10,7 +14,9 @@ from keras_curv.optimizers import (  # noqa: E402
     CurvatureContextError,
     CurvatureOptimizer,
     Lookahead,
+    Shampoo,
     SketchySGD,
+    Sophia,
     TrainBatch,
     attach,
     curvature_step,
@@ -24,6 +30,8 @@ __all__ = [
     "Lookahead",
     "OSGM",
     "SketchySGD",
+    "Shampoo",
+    "Sophia",
     "TrainBatch",
     "attach",
     "curvature",

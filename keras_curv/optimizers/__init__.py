@@ -12,7 +12,9 @@ from keras_curv.optimizers.contract import (
 from keras_curv.optimizers.distribute import replica_sum
 from keras_curv.optimizers.lookahead import Lookahead
 from keras_curv.optimizers.osgm import OSGM
+from keras_curv.optimizers.shampoo import Shampoo
 from keras_curv.optimizers.sketchy_sgd import SketchySGD
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -24,6 +26,8 @@ __all__ = [
     "Lookahead",
     "OSGM",
     "SketchySGD",
+    "Shampoo",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from keras_curv._internal import flat
+from keras_curv._internal.losses import replica_share
 from keras_curv._internal.model import recording_paused, stateless_outputs
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
 from keras_curv.optimizers._graph import stacked_map
@@ -178,6 +179,27 @@ class TrainBatch:
         """Dense gradients of ``loss`` (unscaled), in float32 at least."""
         return self._unscale(self.scaled_gradients())
 
+    def gradients_of(self, value: tf.Tensor) -> list[tf.Tensor]:
+        """Dense gradients of another scalar of the step's graph (unscaled, float32 at least).
+
+        For a loss built from the step's tensors, such as the loss on labels sampled from
+        the model (Sophia's Gauss–Newton–Bartlett estimate). It is differentiated times
+        ``loss_scale`` and unscaled, like :meth:`gradients`, so that float16 backward
+        passes keep their precision.
+
+        Args:
+            value: A scalar that depends on the trainable variables through this
+                replica's forward pass.
+
+        Returns:
+            One tensor per variable.
+        """
+        handles = self.handles()
+        with self.step_graph():
+            scaled = value * exact_cast(self.loss_scale, value.dtype)
+            gradients = tf.gradients(scaled, handles)
+        return self._unscale(flat.zeros_for_none(gradients, handles))
+
     def _unscale(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         dtype = curvature_dtype(tensors[0].dtype) if tensors else tf.float32
         scale = exact_cast(self.loss_scale, dtype)
@@ -300,7 +322,8 @@ class TrainBatch:
             outputs, losses = stateless_outputs(model, values, x, training=True, return_losses=True)
             loss = self.loss_function(y, outputs, sample_weight)
             if losses:
-                loss = loss + tf.add_n([tf.cast(r, loss.dtype) for r in losses])
+                regularization = tf.add_n([tf.cast(r, loss.dtype) for r in losses])
+                loss = loss + replica_share(regularization, self.num_replicas)
             return loss, outputs
         outputs = stateless_outputs(model, values, x, training=True)
         non_trainable = [v.value for v in model.non_trainable_variables]
