@@ -22,6 +22,7 @@ REQUIRED_PAGES = (
     "shampoo.md",
     "class_subspace_newton.md",
     "kfac.md",
+    "sketchy_sgd.md",
     "sophia.md",
     "integration.md",
     "callbacks.md",
