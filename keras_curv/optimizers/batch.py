@@ -100,6 +100,9 @@ class TrainBatch:
         loss_function: ``fn(y, y_pred, sample_weight)`` giving the loss without the
             regularization losses, when it is not the model's compiled loss
             (:func:`~keras_curv.curvature_step`); ``None`` for the compiled loss.
+        training: The mode of the forward passes at other weights (:meth:`loss_at` and
+            the ``*_at`` products): ``True`` in a train step; :func:`~keras_curv.minimize`
+            evaluates a fixed data set in inference mode.
     """
 
     model: keras.Model
@@ -117,6 +120,7 @@ class TrainBatch:
     device: str | None = None
     replicas: list[TrainBatch] | None = None
     loss_function: Callable[[Any, Any, Any], tf.Tensor] | None = None
+    training: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------- the step graph
@@ -273,10 +277,11 @@ class TrainBatch:
     def loss_at(self, values: Sequence[tf.Tensor]) -> tf.Tensor:
         """The training loss on this batch at other trainable ``values``, statelessly.
 
-        The forward pass (in training mode) and the compiled loss, regularization
-        included, are evaluated with ``values`` in place of the trainable variables; no
-        variable (BatchNorm statistics, RNG state, metrics) is written, and random layers
-        draw the same numbers at every trial point. For line searches and trial steps.
+        The forward pass (in training mode, unless :attr:`training` says otherwise) and
+        the compiled loss, regularization included, are evaluated with ``values`` in
+        place of the trainable variables; no variable (BatchNorm statistics, RNG state,
+        metrics) is written, and random layers draw the same numbers at every trial
+        point. For line searches and trial steps.
         Not loss-scaled; per replica under a strategy.
 
         Args:
@@ -285,22 +290,34 @@ class TrainBatch:
         Returns:
             A scalar tensor.
         """
-        model = self.model
+        values = self._cast_values(values)
+        outputs, losses = self._forward_at(values)
+        return self._loss_given(values, outputs, losses)
+
+    def _cast_values(self, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         if self.x is None:
             raise ValueError(
                 "loss_at() needs the step's inputs, and this train step called "
                 "`compute_loss` without `x` and without calling the model on them."
             )
-        values = [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
+        return [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
+
+    def _forward_at(self, values: list[tf.Tensor]) -> tuple[Any, list | None]:
+        """The stateless forward pass at ``values``: outputs, and its losses if needed."""
         if self.loss_function is not None:
-            outputs, losses = stateless_outputs(
-                model, values, self.x, training=True, return_losses=True
+            return stateless_outputs(
+                self.model, values, self.x, training=self.training, return_losses=True
             )
+        return stateless_outputs(self.model, values, self.x, training=self.training), None
+
+    def _loss_given(self, values: list[tf.Tensor], outputs: Any, losses: list | None) -> tf.Tensor:
+        """The training loss at ``values`` for model outputs ``outputs``."""
+        if self.loss_function is not None:
             loss = self.loss_function(self.y, outputs, self.sample_weight)
             if losses:
                 loss = loss + tf.add_n([tf.cast(r, loss.dtype) for r in losses])
             return loss
-        outputs = stateless_outputs(model, values, self.x, training=True)
+        model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]
         metrics = [v.value for v in model.metrics_variables]
         with recording_paused():
@@ -312,7 +329,7 @@ class TrainBatch:
                 y=self.y,
                 y_pred=outputs,
                 sample_weight=self.sample_weight,
-                training=True,
+                training=self.training,
             )
         return loss
 
@@ -327,6 +344,78 @@ class TrainBatch:
             tape.watch(values)
             loss = self.loss_at(values)
         return loss, flat.zeros_for_none(tape.gradient(loss, values), values)
+
+    def hessian_vector_product_at(
+        self, values: Sequence[tf.Tensor], tangents: Sequence[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        """``H v`` of :meth:`loss_at` at ``values``, by a fresh stateless forward pass.
+
+        Unlike :meth:`hessian_vector_product`, it does not differentiate the step's own
+        tensors, so it works where they cannot be differentiated again: inside
+        ``tf.while_loop`` and ``tf.cond`` bodies (conjugate gradients, line searches),
+        and at weights other than the step's. Costs a forward pass and two backward
+        passes. Products in float32 at least.
+
+        Args:
+            values: One tensor per trainable variable.
+            tangents: ``v``, one tensor per variable.
+
+        Returns:
+            One tensor per variable.
+        """
+        values = self._cast_values(values)
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            _, grads = self.loss_and_gradient(values)
+        tangents = [tf.cast(t, g.dtype) for t, g in zip(tangents, grads)]
+        products = flat.zeros_for_none(tape.gradient(grads, values, tangents), values)
+        return [tf.cast(p, curvature_dtype(p.dtype)) for p in products]
+
+    def gauss_newton_vector_product_at(
+        self, values: Sequence[tf.Tensor], tangents: Sequence[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        """``G v`` of :meth:`loss_at` at ``values``, by a fresh stateless forward pass.
+
+        The same matrix as :meth:`gauss_newton_vector_product` (``Jᵀ ∇²_ŷ L J`` plus the
+        exact Hessian of the part of the loss that bypasses ``y_pred``), with ``J v``
+        in forward mode, usable where :meth:`hessian_vector_product_at` is.
+
+        Args:
+            values: One tensor per trainable variable.
+            tangents: ``v``, one tensor per variable.
+
+        Returns:
+            One tensor per variable, in float32 at least.
+        """
+        values = self._cast_values(values)
+        tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch(values)
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(values)
+                with tf.autodiff.ForwardAccumulator(values, tangents) as accumulator:
+                    outputs, losses = self._forward_at(values)
+                leaves = _leaves(outputs)
+                jv = [accumulator.jvp(o, unconnected_gradients=zero) for o in leaves]
+                fixed = [tf.stop_gradient(o) for o in leaves]
+                outer.watch(fixed)
+                inner.watch(fixed)
+                structure = tf.nest.pack_sequence_as(outputs, fixed)
+                loss = self._loss_given(values, structure, losses)
+            output_gradients = inner.gradient(loss, fixed, unconnected_gradients=zero)
+            direct = inner.gradient(loss, values)
+        hjv = outer.gradient(output_gradients, fixed, jv, unconnected_gradients=zero)
+        products = outer.gradient(leaves, values, hjv)
+        pairs = [(d, v) for d, v in zip(direct, tangents) if d is not None]
+        if pairs:
+            extra = outer.gradient([d for d, _ in pairs], values, [v for _, v in pairs])
+            products = [
+                a if b is None else (b if a is None else a + b) for a, b in zip(products, extra)
+            ]
+        del outer, inner
+        products = flat.zeros_for_none(products, values)
+        return [tf.cast(p, curvature_dtype(p.dtype)) for p in products]
 
     # ------------------------------------------------------------------ layer taps
 
