@@ -111,7 +111,8 @@ def lbfgs(fg, w, steps, memory=10, lr=1.0, **line_search):
         if not g @ d < 0:
             d, s_hist, y_hist = -g, [], []
         t0 = lr if s_hist else lr * min(1.0, 1.0 / np.sum(np.abs(g)))
-        t, f_new, g_new, _ = strong_wolfe(lambda t: fg(w + t * d), f, g, d, t0, **line_search)
+        phi = lambda t, w=w, d=d: fg(w + t * d)  # noqa: E731
+        t, f_new, g_new, _ = strong_wolfe(phi, f, g, d, t0, **line_search)
         s, y = t * d, g_new - g
         if s @ y > np.finfo(float).eps * np.linalg.norm(s) * np.linalg.norm(y):
             s_hist, y_hist = (s_hist + [s])[-memory:], (y_hist + [y])[-memory:]
@@ -172,10 +173,10 @@ def newton_cg(fg, hessp, w, steps, damping, tol, max_iter, low=1e-8, high=1e8, a
     lam = damping
     for _ in range(steps):
         f, g = fg(w)
-        x, _, _ = pcg(lambda v: hessp(w, v) + lam * v, -g, tol, max_iter)
+        x, _, _ = pcg(lambda v, w=w, lam=lam: hessp(w, v) + lam * v, -g, tol, max_iter)
         descent = g @ x < 0
         d = x if descent else -g
-        t, f_new = backtracking(lambda t: fg(w + t * d)[0], f, g @ d, 1.0)
+        t, f_new = backtracking(lambda t, w=w, d=d: fg(w + t * d)[0], f, g @ d, 1.0)
         curvature = d @ hessp(w, d)
         rho = ratio(f, f_new, t * (g @ d), t * t * curvature)
         if adapt:
@@ -190,7 +191,7 @@ def levenberg_marquardt(fg, ggnp, w, steps, damping, tol, max_iter, low=1e-12, h
     lam, nu = damping, 2.0
     for _ in range(steps):
         f, g = fg(w)
-        d, _, _ = pcg(lambda v: ggnp(w, v) + lam * v, -g, tol, max_iter)
+        d, _, _ = pcg(lambda v, w=w, lam=lam: ggnp(w, v) + lam * v, -g, tol, max_iter)
         f_new = fg(w + d)[0]
         rho = ratio(f, f_new, g @ d, d @ ggnp(w, d))
         if rho > 0:
