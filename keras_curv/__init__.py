@@ -4,13 +4,19 @@ __version__ = "0.1.0"
 
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
+    LBFGS,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    LevenbergMarquardt,
+    MinimizeHistory,
+    NewtonCG,
+    NysNewtonCG,
     TrainBatch,
     attach,
     curvature_step,
+    minimize,
 )
 
 __all__ = [
@@ -18,10 +24,16 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "LBFGS",
+    "LevenbergMarquardt",
+    "MinimizeHistory",
+    "NewtonCG",
+    "NysNewtonCG",
     "TrainBatch",
     "attach",
     "curvature",
     "curvature_step",
+    "minimize",
     "optimizers",
     "__version__",
 ]

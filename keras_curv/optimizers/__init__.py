@@ -10,17 +10,30 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.full_batch import FullBatchOptimizer
+from keras_curv.optimizers.lbfgs import LBFGS
+from keras_curv.optimizers.newton_cg import LevenbergMarquardt, NewtonCG, NysNewtonCG
+from keras_curv.optimizers.objective import FullBatchObjective
+from keras_curv.optimizers.solve import MinimizeHistory, minimize
 
 __all__ = [
     "AdaHessian",
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "FullBatchObjective",
+    "FullBatchOptimizer",
+    "LBFGS",
     "LayerCall",
     "LayerTap",
+    "LevenbergMarquardt",
+    "MinimizeHistory",
+    "NewtonCG",
+    "NysNewtonCG",
     "StepStatistics",
     "TrainBatch",
     "attach",
     "curvature_step",
+    "minimize",
     "replica_sum",
 ]

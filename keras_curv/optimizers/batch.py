@@ -439,4 +439,3 @@ class TrainBatch:
             for c, g in zip(self.layer_calls, grads)
             if g is not None
         ]
-

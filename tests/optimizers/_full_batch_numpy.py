@@ -234,9 +234,11 @@ def nystrom_preconditioner_inverse(u, lam, mu):
 class SoftmaxRegression:
     """``f(W, b) = mean(−log softmax(x W + b)_y) + l2 ‖W‖²``, flat ``[W.ravel(), b]``."""
 
-    def __init__(self, x, y, classes, l2):
+    def __init__(self, x, y, classes, l2, sample_weight=None):
         self.x, self.y, self.c, self.l2 = x, y, classes, l2
         self.p = x.shape[1]
+        # Keras's "sum_over_batch_size": Σ wᵢ ℓᵢ / n.
+        self.w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
 
     def _split(self, w):
         return w[: self.p * self.c].reshape(self.p, self.c), w[self.p * self.c :]
@@ -252,9 +254,9 @@ class SoftmaxRegression:
         kernel, _ = self._split(w)
         z, p = self._probabilities(w)
         n = len(self.y)
-        f = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(n), self.y])
+        f = np.mean(self.w * (np.log(np.exp(z).sum(1)) - z[np.arange(n), self.y]))
         f += self.l2 * np.sum(kernel * kernel)
-        g = (p - np.eye(self.c)[self.y]) / n
+        g = self.w[:, None] * (p - np.eye(self.c)[self.y]) / n
         return f, np.concatenate([(self.x.T @ g + 2 * self.l2 * kernel).ravel(), g.sum(0)])
 
     def hessian_vector_product(self, w, v):
@@ -263,5 +265,5 @@ class SoftmaxRegression:
         dk, db = self._split(v)
         n = len(self.y)
         dz = self.x @ dk + db
-        hz = p * dz - p * np.sum(p * dz, axis=1, keepdims=True)
+        hz = self.w[:, None] * (p * dz - p * np.sum(p * dz, axis=1, keepdims=True))
         return np.concatenate([(self.x.T @ hz / n + 2 * self.l2 * dk).ravel(), hz.sum(0) / n])
