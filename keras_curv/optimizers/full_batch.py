@@ -29,12 +29,18 @@ import keras
 import tensorflow as tf
 
 from keras_curv._internal import flat
-from keras_curv._internal.keras_privates import flatten_layers, has_random_state, under_xla
+from keras_curv._internal.keras_privates import (
+    flatten_layers,
+    has_random_state,
+    strategy_needs_merge_call,
+    under_xla,
+)
 from keras_curv._internal.losses import piecewise_linear_loss
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
 from keras_curv.optimizers import distribute
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
 from keras_curv.optimizers.batch import TrainBatch
+from keras_curv.optimizers.contract import every_replica
 
 
 class StepOutcome(NamedTuple):
@@ -257,7 +263,25 @@ class FullBatchOptimizer(CurvatureOptimizer):
         """Solves one step on the batch and fingerprints the batch."""
         model = batch.model
         self.check_model(model, getattr(model, "loss", None))
-        fresh = any(has_random_state(layer) for layer in flatten_layers(model))
+        context = tf.distribute.get_replica_context()
+        if batch.replicas is None and batch.num_replicas > 1 and strategy_needs_merge_call():
+            # No collective can run inside the solvers' while loops: solve once, in a
+            # merge_call, on every replica's batch of the step graph (plain sums).
+            def solve_once(distribution):
+                return self._solve_batch(every_replica(self, batch)[0])
+
+            outcome, fingerprint, changed = context.merge_call(solve_once)
+        else:
+            outcome, fingerprint, changed = self._solve_batch(batch)
+        steps = flat.unflatten(outcome.step, flat.variable_shapes(batch.variables))
+        return StepStatistics(
+            per_variable={"step": steps},
+            shared={"outcome": outcome, "fingerprint": fingerprint, "changed": changed},
+            checks=[outcome.step, outcome.loss],
+        )
+
+    def _solve_batch(self, batch: TrainBatch) -> tuple[StepOutcome, tf.Tensor, tf.Tensor]:
+        fresh = any(has_random_state(layer) for layer in flatten_layers(batch.model))
         with batch.step_graph():
             problem = BatchProblem(batch, self.flat_dtype)
             w, f, g = problem.start(fresh)
@@ -276,12 +300,7 @@ class FullBatchOptimizer(CurvatureOptimizer):
                     lambda: tf.py_function(self._warn_mini_batch, [], Tout=tf.bool),
                     lambda: tf.constant(False),
                 )
-            steps = flat.unflatten(outcome.step, flat.variable_shapes(batch.variables))
-        return StepStatistics(
-            per_variable={"step": steps},
-            shared={"outcome": outcome, "fingerprint": fingerprint, "changed": changed},
-            checks=[outcome.step, outcome.loss],
-        )
+        return outcome, fingerprint, changed
 
     def _warn_mini_batch(self) -> bool:
         if not self._mini_batch_warned:
