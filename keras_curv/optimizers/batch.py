@@ -377,8 +377,9 @@ class TrainBatch:
         """``G v`` of :meth:`loss_at` at ``values``, by a fresh stateless forward pass.
 
         The same matrix as :meth:`gauss_newton_vector_product` (``Jᵀ ∇²_ŷ L J`` plus the
-        exact Hessian of the part of the loss that bypasses ``y_pred``), with ``J v``
-        in forward mode, usable where :meth:`hessian_vector_product_at` is.
+        exact Hessian of the part of the loss that bypasses ``y_pred``), with ``J v`` by
+        a double VJP (forward mode fails through recurrent layers' while loops), usable
+        where :meth:`hessian_vector_product_at` is.
 
         Args:
             values: One tensor per trainable variable.
@@ -394,10 +395,8 @@ class TrainBatch:
             outer.watch(values)
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(values)
-                with tf.autodiff.ForwardAccumulator(values, tangents) as accumulator:
-                    outputs, losses = self._forward_at(values)
+                outputs, losses = self._forward_at(values)
                 leaves = _leaves(outputs)
-                jv = [accumulator.jvp(o, unconnected_gradients=zero) for o in leaves]
                 fixed = [tf.stop_gradient(o) for o in leaves]
                 outer.watch(fixed)
                 inner.watch(fixed)
@@ -405,6 +404,20 @@ class TrainBatch:
                 loss = self._loss_given(values, structure, losses)
             output_gradients = inner.gradient(loss, fixed, unconnected_gradients=zero)
             direct = inner.gradient(loss, values)
+            # J v = ∂_u ⟨Jᵀu, v⟩: the backward pass is linear in u.
+            dummies = [tf.zeros_like(o) for o in leaves]
+            with tf.GradientTape() as dual:
+                dual.watch(dummies)
+                transposed = inner.gradient(leaves, values, dummies)
+                pairing = tf.add_n(
+                    [tf.zeros([], loss.dtype)]
+                    + [
+                        tf.cast(tf.reduce_sum(t * v), loss.dtype)
+                        for t, v in zip(transposed, tangents)
+                        if t is not None
+                    ]
+                )
+            jv = dual.gradient(pairing, dummies, unconnected_gradients=zero)
         hjv = outer.gradient(output_gradients, fixed, jv, unconnected_gradients=zero)
         products = outer.gradient(leaves, values, hjv)
         pairs = [(d, v) for d, v in zip(direct, tangents) if d is not None]

@@ -347,24 +347,27 @@ class LevenbergMarquardt(FullBatchOptimizer):
     """Levenberg–Marquardt on the Gauss–Newton matrix, solved by conjugate gradients.
 
     For least squares ``f = (1/N) Σ ‖r‖²`` the GGN is ``G = (2/N) JᵀJ``; for any loss
-    convex in the outputs it is the generalised Gauss–Newton matrix. Each step:
+    convex in the outputs it is the generalised Gauss–Newton matrix. Each step tries
+    up to ``max_trials`` damped steps:
 
     ```
     d ≈ −(G + λI)⁻¹ g                                   (CG, G positive semi-definite)
     ρ = (f(θ + d) − f) / (gᵀd + ½ dᵀG d)
-    ρ > 0:  θ ← θ + d,  λ ← λ · max(1/3, 1 − (2ρ − 1)³),  ν ← 2
-    else:   θ unchanged, λ ← ν λ,  ν ← 2ν                 (Nielsen's rule)
+    ρ > 0:  θ ← θ + d,  λ ← λ · max(1/3, 1 − (2ρ − 1)³),  ν ← 2      (accept, stop)
+    else:   λ ← ν λ,  ν ← 2ν                                          (try again)
     ```
 
-    One trial point per step, no line search (``learning_rate`` is not used). For a
-    fixed full batch; on changing batches it warns once.
+    (Nielsen's rule; Madsen, Nielsen & Tingleff 2004). No line search
+    (``learning_rate`` is not used). For a fixed full batch; on changing batches it
+    warns once.
 
     Args:
         damping: Initial ``λ > 0``.
         min_damping: Lower bound of ``λ``.
         max_damping: Upper bound of ``λ``.
         cg_tolerance: Relative residual at which CG stops.
-        max_cg_iterations: Most CG iterations per step.
+        max_cg_iterations: Most CG iterations per trial.
+        max_trials: Most trial steps per step (int ≥ 1); the weights stay if all fail.
         name: Name of the optimizer.
         **kwargs: Keras's optimizer arguments (``weight_decay`` and clipping are refused).
 
@@ -382,6 +385,7 @@ class LevenbergMarquardt(FullBatchOptimizer):
         max_damping: float = 1e12,
         cg_tolerance: float = 1e-4,
         max_cg_iterations: int = 100,
+        max_trials: int = 10,
         name: str = "levenberg_marquardt",
         **kwargs: Any,
     ) -> None:
@@ -396,6 +400,7 @@ class LevenbergMarquardt(FullBatchOptimizer):
         self.max_cg_iterations = validation.integer(
             max_cg_iterations, "max_cg_iterations", minimum=1
         )
+        self.max_trials = validation.integer(max_trials, "max_trials", minimum=1)
 
     def build_state(self, dim: int, dtype: tf.DType) -> dict[str, Any]:
         """``λ`` and Nielsen's growth factor ``ν``."""
@@ -404,11 +409,8 @@ class LevenbergMarquardt(FullBatchOptimizer):
             "growth": self.state_variable((), dtype, "damping_growth", value=2.0),
         }
 
-    def solve(self, problem, w, loss, gradient) -> StepOutcome:
-        """CG on ``(G + λI) d = −g``, one trial point, Nielsen's damping update."""
-        state = {k: tf.convert_to_tensor(v) for k, v in self._state.items()}
-        dtype = gradient.dtype
-        damping = state["damping"]
+    def _trial(self, problem, w, loss, gradient, damping):
+        """One damped Gauss–Newton step: ``(d, f(θ + d), ρ, CG result)``."""
         solution = fbm.conjugate_gradient(
             lambda v: problem.gauss_newton_vector_product(w, v) + damping * v,
             -gradient,
@@ -424,31 +426,68 @@ class LevenbergMarquardt(FullBatchOptimizer):
         curvature = solution.curvature - damping * tf.reduce_sum(direction * direction)
         curvature = tf.where(descent, curvature, tf.zeros_like(curvature))
         new_loss = problem.value(w + direction)
-        ratio = fbm.reduction_ratio(loss, new_loss, slope, curvature)
-        accepted = ratio > 0.0
-        new_damping, growth = fbm.nielsen_damping(
-            damping,
+        return direction, new_loss, fbm.reduction_ratio(loss, new_loss, slope, curvature), solution
+
+    def solve(self, problem, w, loss, gradient) -> StepOutcome:
+        """Damped trial steps until one decreases the loss, with Nielsen's damping update."""
+        state = {k: tf.convert_to_tensor(v) for k, v in self._state.items()}
+        dtype = gradient.dtype
+        zero = tf.zeros([], dtype)
+
+        def cond(trial, damping, growth, accepted, *_):
+            return tf.logical_and(tf.logical_not(accepted), trial < self.max_trials)
+
+        def body(trial, damping, growth, accepted, direction, new_loss, residual, counts):
+            direction, new_loss, ratio, solution = self._trial(problem, w, loss, gradient, damping)
+            accepted = ratio > 0.0
+            new_damping, new_growth = fbm.nielsen_damping(
+                damping,
+                growth,
+                ratio,
+                accepted,
+                minimum=self.min_damping,
+                maximum=self.max_damping,
+            )
+            return (
+                trial + 1,
+                new_damping,
+                new_growth,
+                accepted,
+                direction,
+                new_loss,
+                solution.residual,
+                counts + tf.stack([solution.iterations, solution.matvecs]),
+            )
+
+        init = (
+            tf.constant(0),
+            state["damping"],
             state["growth"],
-            ratio,
-            accepted,
-            minimum=self.min_damping,
-            maximum=self.max_damping,
+            tf.constant(False),
+            tf.zeros_like(gradient),
+            loss,
+            zero,
+            tf.zeros([2], tf.int32),
+        )
+        trials, damping, growth, accepted, direction, new_loss, residual, counts = tf.while_loop(
+            cond, body, init
         )
         one = tf.ones([], dtype)
+        counts = tf.cast(counts, dtype)
         return StepOutcome(
             step=tf.where(accepted, direction, tf.zeros_like(direction)),
             loss=tf.where(accepted, new_loss, loss),
             gradient=None,
             statistics={
-                "step_size": tf.where(accepted, one, tf.zeros_like(one)),
-                "function_evaluations": one,
-                "cg_iterations": tf.cast(solution.iterations, dtype),
-                "hessian_vector_products": tf.cast(solution.matvecs, dtype),
-                "damping": damping,
-                "cg_residual": solution.residual,
+                "step_size": tf.where(accepted, one, zero),
+                "function_evaluations": tf.cast(trials, dtype),
+                "cg_iterations": counts[0],
+                "hessian_vector_products": counts[1],
+                "damping": state["damping"],
+                "cg_residual": residual,
                 "accepted": tf.cast(accepted, dtype),
             },
-            state={"damping": new_damping, "growth": growth},
+            state={"damping": damping, "growth": growth},
         )
 
     def get_config(self) -> dict:
@@ -460,6 +499,7 @@ class LevenbergMarquardt(FullBatchOptimizer):
                 "max_damping": self.max_damping,
                 "cg_tolerance": self.cg_tolerance,
                 "max_cg_iterations": self.max_cg_iterations,
+                "max_trials": self.max_trials,
             }
         )
         return config

@@ -132,12 +132,10 @@ class FullBatchObjective:
         self.shapes = flat.variable_shapes(self.variables)
         self.dim = flat.flat_dim(self.variables)
         self.num_samples = self.data.num_samples
-        self._value = tf.function(self._batch_value, reduce_retracing=True)
-        self._value_and_gradient = tf.function(
-            self._batch_value_and_gradient, reduce_retracing=True
-        )
-        self._hessian = tf.function(self._batch_hessian, reduce_retracing=True)
-        self._gauss_newton = tf.function(self._batch_gauss_newton, reduce_retracing=True)
+        self._value = _traced(self._batch_value)
+        self._value_and_gradient = _traced(self._batch_value_and_gradient)
+        self._hessian = _traced(self._batch_hessian)
+        self._gauss_newton = _traced(self._batch_gauss_newton)
 
     # ---------------------------------------------------------------- per batch
 
@@ -238,6 +236,11 @@ class _ObjectiveOperator(LinearOperator):
 
     def _matvec(self, v):
         return self._product(v)
+
+
+def _traced(method: Callable) -> Callable:
+    """``method`` traced once per batch shape (a last, shorter batch is a second trace)."""
+    return tf.function(method, reduce_retracing=True)
 
 
 def _scalar(loss: Any, dtype: tf.DType) -> tf.Tensor:

@@ -186,20 +186,24 @@ def newton_cg(fg, hessp, w, steps, damping, tol, max_iter, low=1e-8, high=1e8, a
     return out
 
 
-def levenberg_marquardt(fg, ggnp, w, steps, damping, tol, max_iter, low=1e-12, high=1e12):
+def levenberg_marquardt(fg, ggnp, w, steps, damping, tol, max_iter, trials=10, low=1e-12,
+                        high=1e12):  # fmt: skip
     out = []
     lam, nu = damping, 2.0
     for _ in range(steps):
         f, g = fg(w)
-        d, _, _ = pcg(lambda v, w=w, lam=lam: ggnp(w, v) + lam * v, -g, tol, max_iter)
-        f_new = fg(w + d)[0]
-        rho = ratio(f, f_new, g @ d, d @ ggnp(w, d))
-        if rho > 0:
-            w = w + d
-            lam, nu = lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), 2.0
-        else:
-            lam, nu = lam * nu, 2 * nu
-        lam = min(max(lam, low), high)
+        for _ in range(trials):
+            d, _, _ = pcg(lambda v, w=w, lam=lam: ggnp(w, v) + lam * v, -g, tol, max_iter)
+            f_new = fg(w + d)[0]
+            rho = ratio(f, f_new, g @ d, d @ ggnp(w, d))
+            if rho > 0:
+                lam, nu = lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), 2.0
+            else:
+                lam, nu = lam * nu, 2 * nu
+            lam = min(max(lam, low), high)
+            if rho > 0:
+                w = w + d
+                break
         out.append(w.copy())
     return out
 

@@ -133,3 +133,49 @@ def test_products_at_with_a_loss_function_in_curvature_step():
         np.testing.assert_allclose(rec[first + 1], rec[first], rtol=1e-12, atol=1e-14)
         shifted = _dense(model, x, y, SHIFT, gauss_newton=first == 4)
         np.testing.assert_allclose(rec[first + 2], shifted, rtol=1e-10, atol=1e-12)
+
+
+class GaussNewtonRows(CurvatureOptimizer):
+    """Records G·1 from the step's tensors and by gauss_newton_vector_product_at."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(learning_rate=0.0, **kwargs)
+        self.records = tf.Variable(tf.zeros((2, dim), tf.float64), trainable=False)
+
+    def step_statistics(self, batch):
+        with batch.step_graph():
+            ones = [tf.ones(v.shape, v.dtype) for v in batch.variables]
+            rows = [
+                batch.gauss_newton_vector_product(ones),
+                batch.gauss_newton_vector_product_at(batch.handles(), ones),
+            ]
+            stacked = tf.stack([flat.flatten(r, tf.float64) for r in rows])
+        return StepStatistics(shared={"records": stacked})
+
+    def update_step(self, gradient, variable, learning_rate):
+        pass
+
+    def finish_step(self, statistics):
+        self.records.assign(statistics.shared["records"])
+
+
+@pytest.mark.slow
+def test_gauss_newton_at_through_a_recurrent_layer():
+    """An LSTM's while loop: forward-mode J v fails there; the double VJP does not."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(7, 3),
+            keras.layers.LSTM(3),
+            keras.layers.Dense(3),
+        ]
+    )
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 7, (6, 4)), rng.integers(0, 3, 6)
+    optimizer = GaussNewtonRows(flat.flat_dim(model.trainable_variables))
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=6, epochs=1, verbose=0)
+    rec = optimizer.records.numpy()
+    np.testing.assert_allclose(rec[1], rec[0], rtol=1e-10, atol=1e-13)
+    assert np.max(np.abs(rec[0])) > 1e-3

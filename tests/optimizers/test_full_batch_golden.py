@@ -50,8 +50,10 @@ class _Weights(keras.callbacks.Callback):
         self.weights.append(np.concatenate([w.ravel() for w in self.model.get_weights()]))
 
 
-def _trajectory(optimizer, x, y, sample_weight=None, **compile_kwargs):
+def _trajectory(optimizer, x, y, sample_weight=None, start=None, **compile_kwargs):
     model = _model()
+    if start is not None:
+        model.set_weights([start[:-3].reshape(-1, 3), start[-3:]])
     w0 = np.concatenate([w.ravel() for w in model.get_weights()])
     model.compile(
         optimizer=optimizer,
@@ -118,13 +120,19 @@ def test_nys_newton_cg_golden():
     _check(got, expected, rtol=1e-8)
 
 
-def test_levenberg_marquardt_golden():
+@pytest.mark.parametrize("damping", [1.0, 1e-6])
+def test_levenberg_marquardt_golden(damping):
     x, y = _data()
+    start = None
+    if damping < 1e-3:
+        # Far from the optimum with almost no damping: the first trials are rejected.
+        x = 3 * x
+        start = 3 * np.random.default_rng(1).normal(size=15)
     problem = ref.SoftmaxRegression(x, y, 3, L2)
-    optimizer = LevenbergMarquardt(damping=1.0, cg_tolerance=1e-12, max_cg_iterations=30)
-    w0, got = _trajectory(optimizer, x, y)
+    optimizer = LevenbergMarquardt(damping=damping, cg_tolerance=1e-12, max_cg_iterations=30)
+    w0, got = _trajectory(optimizer, x, y, start=start)
     expected = ref.levenberg_marquardt(
-        problem.value_and_gradient, problem.hessian_vector_product, w0, STEPS, 1.0, 1e-12, 30
+        problem.value_and_gradient, problem.hessian_vector_product, w0, STEPS, damping, 1e-12, 30
     )
     _check(got, expected)
 
