@@ -38,7 +38,14 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+    from keras_curv.optimizers import (
+        LBFGS,
+        AdaHessian,
+        ClassSubspaceNewton,
+        LevenbergMarquardt,
+        NewtonCG,
+        NysNewtonCG,
+    )
 
     return {
         "sgd": OptimizerPreset(
@@ -62,10 +69,43 @@ def _presets() -> dict[str, OptimizerPreset]:
                 lr, gamma=0.9, curvature="gauss_newton", damping=1.0
             ),
         ),
+        "lbfgs": OptimizerPreset(
+            "L-BFGS, memory 10, strong Wolfe (full batch)",
+            1.0,
+            lambda lr, seed: LBFGS(lr),
+        ),
+        "newton-cg": OptimizerPreset(
+            "Newton-CG on the Hessian, adaptive damping (full batch)",
+            1.0,
+            lambda lr, seed: NewtonCG(lr),
+        ),
+        "nys-newton-cg": OptimizerPreset(
+            "NysNewton-CG, rank 10, mu 1e-4 (full batch)",
+            1.0,
+            lambda lr, seed: NysNewtonCG(lr, seed=seed),
+        ),
+        "levenberg-marquardt": OptimizerPreset(
+            "Levenberg-Marquardt on the Gauss-Newton matrix (full batch)",
+            1.0,
+            lambda lr, seed: LevenbergMarquardt(learning_rate=lr),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn")
+OPTIMIZERS = (
+    "sgd",
+    "adam",
+    "adahessian",
+    "csn",
+    "csn-gn",
+    "lbfgs",
+    "newton-cg",
+    "nys-newton-cg",
+    "levenberg-marquardt",
+)
+# What `compare` trains without --optimizers: the mini-batch methods (the full-batch
+# ones need --batch-size equal to the training set to make sense).
+COMPARE_DEFAULT = ("sgd", "adam", "adahessian", "csn", "csn-gn")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -75,6 +115,10 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
               gamma 0.9, no momentum
+  lbfgs, newton-cg, nys-newton-cg, levenberg-marquardt
+              the full-batch solvers with their defaults (lr = the line search's first
+              trial step, 1.0); give --batch-size the training-set size (--max-train),
+              on mini-batches they warn (docs/full_batch.md). Not in compare's default.
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the
@@ -199,8 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--optimizers",
         type=_optimizer_list,
-        default=list(OPTIMIZERS),
-        help=f"comma-separated subset (default: {','.join(OPTIMIZERS)})",
+        default=list(COMPARE_DEFAULT),
+        help=f"comma-separated subset of {','.join(OPTIMIZERS)} "
+        f"(default: {','.join(COMPARE_DEFAULT)})",
     )
     compare.add_argument(
         "--every",
