@@ -52,9 +52,52 @@ class _ModelLoss(TrainBatch):
     def gauss_newton_vector_product_at(self, values, tangents):
         raise ValueError(
             "The Gauss–Newton matrix splits the loss at the model's outputs, which a "
-            "`loss(model, x, y)` callable does not expose: use curvature='hessian', or "
-            "compile the model with its loss and pass loss=None."
+            "`loss(model, x, y)` callable does not expose: return the residuals instead "
+            "(residuals=..., the loss is then their sum of squares), use "
+            "curvature='hessian', or compile the model with its loss and pass loss=None."
         )
+
+
+@dataclass
+class _Residuals(TrainBatch):
+    """A batch whose loss is ``‖r‖²`` for residuals ``r = residuals(model, x, y)``.
+
+    Least squares: the Gauss–Newton matrix is ``2 JᵀJ`` with ``J = ∂r/∂θ`` (positive
+    semi-definite), for Levenberg–Marquardt and ``curvature="ggn"``.
+    """
+
+    model_residuals: Callable | None = None
+
+    def residuals_at(self, values):
+        values = self._cast_values(values)
+        with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
+            with recording_paused():
+                residuals = self.model_residuals(self.model, self.x, self.y)
+        return tf.reshape(tf.convert_to_tensor(residuals), [-1])
+
+    def loss_at(self, values):
+        residuals = self.residuals_at(values)
+        return tf.reduce_sum(residuals * residuals)
+
+    def gauss_newton_vector_product_at(self, values, tangents):
+        values = self._cast_values(values)
+        tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(values)
+            residuals = self.residuals_at(values)
+        # J v = ∂_u ⟨Jᵀu, v⟩ (a double VJP), then 2 Jᵀ (J v).
+        dual_point = tf.zeros_like(residuals)
+        with tf.GradientTape() as dual:
+            dual.watch(dual_point)
+            transposed = tape.gradient(residuals, values, output_gradients=dual_point)
+            pairing = tf.add_n(
+                [tf.zeros([], residuals.dtype)]
+                + [tf.reduce_sum(t * v) for t, v in zip(transposed, tangents) if t is not None]
+            )
+        jv = dual.gradient(pairing, dual_point, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        products = tape.gradient(residuals, values, output_gradients=2.0 * jv)
+        del tape
+        return flat.zeros_for_none(products, values)
 
 
 class FullBatchObjective:
@@ -67,6 +110,9 @@ class FullBatchObjective:
         y: Targets, or ``None`` (only with a ``loss`` callable).
         loss: ``None`` for the model's compiled loss (regularization included), or a
             callable ``loss(model, x, y)`` returning the batch-mean loss as a scalar.
+        residuals: Instead of ``loss``, a callable ``residuals(model, x, y)`` returning a
+            tensor ``r`` (any shape); the batch's loss is ``‖r‖²`` (scale the terms, e.g.
+            by ``1/√n``, for means), and the Gauss–Newton matrix ``2 JᵀJ`` is available.
         sample_weight: Per-sample weights (compiled loss only).
         batch_size: Rows per batch (default: all rows in one batch).
         training: Evaluate the model in training mode (BatchNorm batch statistics);
@@ -85,22 +131,32 @@ class FullBatchObjective:
         y: Any = None,
         *,
         loss: Callable | None = None,
+        residuals: Callable | None = None,
         sample_weight: Any = None,
         batch_size: int | None = None,
         training: bool = False,
     ):
+        if residuals is not None:
+            if loss is not None:
+                raise ValueError("Pass `loss` or `residuals`, not both.")
+            if not callable(residuals):
+                raise ValueError(
+                    f"`residuals` must be a callable residuals(model, x, y); got {residuals!r}."
+                )
         if loss is not None and (isinstance(loss, (str, keras.losses.Loss)) or not callable(loss)):
             raise ValueError(
                 "`loss` must be None (the model's compiled loss, regularization included) "
                 f"or a callable loss(model, x, y) returning a scalar; got {loss!r}. To use a "
                 "Keras loss, compile the model with it."
             )
-        if loss is None and getattr(model, "loss", None) is None:
+        self.residuals = residuals
+        custom = loss is not None or residuals is not None
+        if not custom and getattr(model, "loss", None) is None:
             raise ValueError(
                 "The model has no compiled loss: compile it with one "
                 "(model.compile(loss=...)) or pass loss=<callable(model, x, y)>."
             )
-        if loss is not None and sample_weight is not None:
+        if custom and sample_weight is not None:
             raise ValueError("`sample_weight` needs the compiled loss; weight inside `loss`.")
         self.model = model
         self.loss = loss
@@ -110,7 +166,7 @@ class FullBatchObjective:
         else:
             rows = _rows(x)
             self.data = probe_data(
-                x, y, sample_weight, batch_size or rows, targets_required=loss is None
+                x, y, sample_weight, batch_size or rows, targets_required=not custom
             )
         if not model.built:
             model(self.data.batches[0].x)
@@ -150,6 +206,8 @@ class FullBatchObjective:
             variables=self.variables,
             training=self.training,
         )
+        if self.residuals is not None:
+            return _Residuals(**common, model_residuals=self.residuals)
         if self.loss is None:
             return TrainBatch(**common)
         return _ModelLoss(**common, model_loss=self.loss)
@@ -210,7 +268,7 @@ class FullBatchObjective:
         return mean_over_batches(self.data, self._hessian, w, v, dtype=self.dtype)
 
     def gauss_newton_vector_product(self, w: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
-        """``G(w) v`` (compiled loss only)."""
+        """``G(w) v`` (the compiled loss, or ``residuals``)."""
         return mean_over_batches(self.data, self._gauss_newton, w, v, dtype=self.dtype)
 
     def operator(self, curvature: str = "hessian", w: Any = None) -> LinearOperator:

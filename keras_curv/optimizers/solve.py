@@ -89,14 +89,16 @@ def _solver(method: Any) -> FullBatchOptimizer:
 
 def _check_solver(solver: FullBatchOptimizer, objective: FullBatchObjective, loss: Any) -> None:
     model = objective.model
-    solver.check_model(model, model.loss if loss is None else None)
+    compiled = loss is None and objective.residuals is None
+    solver.check_model(model, model.loss if compiled else None)
     uses_ggn = isinstance(solver, LevenbergMarquardt) or getattr(solver, "curvature", "") == "ggn"
     if loss is not None and uses_ggn:
         raise ValueError(
             f"{type(solver).__name__} uses the Gauss–Newton matrix, which splits the loss at "
-            "the model's outputs; a `loss(model, x, y)` callable does not expose them. Use "
-            "NewtonCG/NysNewtonCG with curvature='hessian', or compile the model with its "
-            "loss and pass loss=None."
+            "the model's outputs; a `loss(model, x, y)` callable does not expose them. Pass "
+            "residuals=<callable returning r> (the loss is then ‖r‖²), use NewtonCG/"
+            "NysNewtonCG with curvature='hessian', or compile the model with its loss and "
+            "pass loss=None."
         )
     if solver.built and solver.flat_dim != objective.dim:
         raise ValueError(
@@ -112,6 +114,7 @@ def minimize(
     *,
     method: str | FullBatchOptimizer = "lbfgs",
     loss: Callable | None = None,
+    residuals: Callable | None = None,
     sample_weight: Any = None,
     batch_size: int | None = None,
     max_iterations: int = 100,
@@ -146,6 +149,10 @@ def minimize(
         loss: ``None`` for the compiled loss, or ``loss(model, x, y) -> scalar`` (the
             batch mean; it may differentiate with respect to ``x`` with a
             ``tf.GradientTape``).
+        residuals: Instead of ``loss``, ``residuals(model, x, y) -> r``: the loss is
+            ``‖r‖²`` (least squares, e.g. a PINN's scaled residuals), and the
+            Gauss–Newton matrix ``2 JᵀJ`` serves Levenberg–Marquardt and
+            ``curvature="ggn"``.
         sample_weight: Per-sample weights (compiled loss only).
         batch_size: Rows per batch for the accumulation (default: one batch).
         max_iterations: Most iterations (int ≥ 1).
@@ -182,6 +189,7 @@ def minimize(
         x,
         y,
         loss=loss,
+        residuals=residuals,
         sample_weight=sample_weight,
         batch_size=batch_size,
         training=training,

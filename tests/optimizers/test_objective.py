@@ -178,3 +178,38 @@ def test_an_uncompiled_model_needs_a_loss():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="compiled loss"):
         FullBatchObjective(model, x, y)
+
+
+def test_residuals_give_the_gauss_newton_matrix_of_least_squares():
+    """loss = ‖r‖², G = 2 JᵀJ (J from a dense jacobian), for a nonlinear residual."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((1,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)]
+    )
+    t = np.linspace(0.0, 1.0, 7)[:, None]
+
+    def residuals(model, t, _):
+        t = tf.convert_to_tensor(t)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            u = model(t)
+        r = (tape.gradient(u, t) + u) / np.sqrt(7.0)
+        return tf.concat([tf.reshape(r, [-1]), tf.reshape(model(t[:1]) - 1.0, [-1])], 0)
+
+    objective = FullBatchObjective(model, t, residuals=residuals)
+    w = objective.weights()
+    r = residuals(model, t, None)
+    assert float(objective.value(w)) == pytest.approx(float(tf.reduce_sum(r**2)), rel=1e-12)
+    values = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, values))):
+            r = residuals(model, t, None)
+    jac = np.concatenate(
+        [np.reshape(j, (r.shape[0], -1)) for j in tape.jacobian(r, values)], axis=1
+    )
+    v = np.random.default_rng(2).normal(size=objective.dim)
+    gv = objective.gauss_newton_vector_product(w, tf.constant(v)).numpy()
+    np.testing.assert_allclose(gv, 2 * jac.T @ (jac @ v), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        FullBatchObjective(model, t, loss=lambda m, x, y: 0.0, residuals=residuals)
