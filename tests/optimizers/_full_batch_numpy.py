@@ -271,3 +271,18 @@ class SoftmaxRegression:
         dz = self.x @ dk + db
         hz = self.w[:, None] * (p * dz - p * np.sum(p * dz, axis=1, keepdims=True))
         return np.concatenate([(self.x.T @ hz / n + 2 * self.l2 * dk).ravel(), hz.sum(0) / n])
+
+
+def scipy_lbfgsb(problem, dim):
+    """scipy's L-BFGS-B on ``problem`` from zeros, to tight tolerances (one BLAS thread)."""
+    import scipy.optimize
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return scipy.optimize.minimize(
+            problem.value_and_gradient,
+            np.zeros(dim),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10},
+        )

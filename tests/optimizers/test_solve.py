@@ -116,22 +116,13 @@ def _softmax_regression(x, y, l2):
 @pytest.mark.slow
 def test_every_method_reaches_scipys_optimum_on_digits():
     from sklearn.datasets import load_digits
-    from threadpoolctl import threadpool_limits
 
-    from tests.optimizers._full_batch_numpy import SoftmaxRegression
+    from tests.optimizers._full_batch_numpy import SoftmaxRegression, scipy_lbfgsb
 
     digits = load_digits()
     x, y = digits.data / 16.0, digits.target
     l2 = 2.0**-10  # exact in float32, as Keras stores it
-    problem = SoftmaxRegression(x, y, 10, l2)
-    with threadpool_limits(1):
-        reference = scipy.optimize.minimize(
-            problem.value_and_gradient,
-            np.zeros(650),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10},
-        )
+    reference = scipy_lbfgsb(SoftmaxRegression(x, y, 10, l2), 650)
     for method in METHODS:
         model = _softmax_regression(x, y, l2)
         result = minimize(model, x, y, method=method, max_iterations=400, tolerance=1e-8,
