@@ -174,7 +174,7 @@ def minimize(
     Example:
         >>> model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         >>> result = keras_curv.minimize(model, x, y, method="lbfgs", max_iterations=200)
-        >>> result.history["loss"][-1], result.converged
+        >>> result.loss, result.converged, result.message
     """
     max_iterations = validation.integer(max_iterations, "max_iterations", minimum=1)
     tolerance = validation.non_negative(tolerance, "tolerance")
