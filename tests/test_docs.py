@@ -20,6 +20,7 @@ REQUIRED_PAGES = (
     "optimizers.md",
     "adahessian.md",
     "class_subspace_newton.md",
+    "full_batch.md",
     "integration.md",
     "callbacks.md",
     "tensorboard.md",
