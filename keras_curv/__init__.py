@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from keras_curv._internal import versions as _versions  # noqa: E402
+
+_versions.check_versions()  # before the imports below, whose errors an old Keras would obscure
+
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
     LBFGS,
@@ -13,6 +17,7 @@ from keras_curv.optimizers import (  # noqa: E402
     MinimizeHistory,
     NewtonCG,
     NysNewtonCG,
+    Shampoo,
     TrainBatch,
     attach,
     curvature_step,
@@ -29,6 +34,7 @@ __all__ = [
     "MinimizeHistory",
     "NewtonCG",
     "NysNewtonCG",
+    "Shampoo",
     "TrainBatch",
     "attach",
     "curvature",

@@ -19,6 +19,7 @@ REQUIRED_PAGES = (
     "quickstart.md",
     "optimizers.md",
     "adahessian.md",
+    "shampoo.md",
     "class_subspace_newton.md",
     "full_batch.md",
     "integration.md",
@@ -27,8 +28,10 @@ REQUIRED_PAGES = (
     "curvature.md",
     "math.md",
     "datasets.md",
+    "compatibility.md",
     "api.md",
     "benchmarks.md",
+    "arena.md",
     "changelog.md",
 )
 

@@ -125,6 +125,7 @@ def test_calling_models_finds_the_model_among_callers():
 )
 def test_layers_apply_their_activation_last(layer, shape):
     """Layer taps run ``call`` with ``activation=None`` to see the pre-activation output."""
+    keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=shape).astype("float32")
     out = layer(x).numpy()
     activation = layer.activation
@@ -168,3 +169,93 @@ def test_loss_scale_optimizer_calls_the_inner_optimizer_in_a_merge_call():
     """With merge_call, TrainBatch.replicas sums the statistics in the step graph."""
     source = inspect.getsource(keras.optimizers.LossScaleOptimizer._tf_apply)
     assert "merge_call" in source and "call_for_each_replica" in source
+
+
+def test_applied_steps_counts_every_applied_batch_under_accumulation():
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    optimizer.build([variable])
+    for _ in range(3):
+        optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer).numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_loss_scale_optimizer_skips_without_advancing_the_step_counter():
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    optimizer.apply([tf.constant([np.inf, 1.0])], [variable])
+    optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer.inner_optimizer).numpy()) == 1
+    assert optimizer.iterations is optimizer.inner_optimizer.iterations
+
+
+@pytest.mark.parametrize(
+    "optimizer, kind, slots",
+    [
+        (keras.optimizers.Adam(amsgrad=True), "adam", ("velocity", "velocity_hat")),
+        (keras.optimizers.AdamW(), "adam", ("velocity",)),
+        (keras.optimizers.RMSprop(centered=True), "rmsprop", ("velocity", "average_gradient")),
+    ],
+)
+def test_optimizer_slots_follow_the_variables(optimizer, kind, slots):
+    variables = [keras.Variable(np.ones(3, "float32")), keras.Variable(np.ones(2, "float32"))]
+    optimizer.build(variables)
+    optimizer.apply([tf.fill([3], 2.0), tf.fill([2], 3.0)], variables)
+    for slot in slots:
+        found = kp.optimizer_slots(optimizer, kind, slot)
+        assert [tuple(v.shape) for v in found] == [(3,), (2,)]
+    velocity = kp.optimizer_slots(optimizer, kind, "velocity")
+    rho = optimizer.beta_2 if kind == "adam" else optimizer.rho
+    np.testing.assert_allclose(velocity[1].numpy(), (1 - rho) * 9.0, rtol=1e-6)
+
+
+def test_multi_worker_fit_workaround_targets():
+    """keras-team/keras#20585: what ``work_around_multi_worker_fit`` works around.
+
+    ``_maybe_symbolic_build`` reduces the nested input batch, and ``reduce_per_replica``
+    reduces the logs along ``axis=0``, under a multi-worker strategy; Keras reads
+    ``train_step``/``test_step`` off the instance when it makes its functions. When
+    ``tests/optimizers/test_multi_worker.py``'s canary fails, the bug is fixed.
+    """
+    from keras.src.backend.tensorflow import trainer
+    from tensorflow.python.distribute.collective_all_reduce_strategy import (
+        CollectiveAllReduceExtended,
+    )
+
+    build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    assert list(inspect.signature(build).parameters) == ["self", "iterator", "data_batch"]
+    source = inspect.getsource(build)
+    assert "for _, _, it in iterator:" in source
+    assert "self.distribute_strategy.reduce(" in source
+    assert "self._symbolic_build(data_batch=data_batch)" in source
+    reduce_source = inspect.getsource(trainer.reduce_per_replica)
+    assert 'strategy.reduce("MEAN", v, axis=0)' in reduce_source
+    assert "_collective_all_reduce_multi_worker(strategy)" in reduce_source
+    assert "self._make_function(self.train_step)" in inspect.getsource(
+        trainer.TensorFlowTrainer.make_train_function
+    )
+    assert "self._make_function(self.test_step)" in inspect.getsource(
+        trainer.TensorFlowTrainer.make_test_function
+    )
+    assert callable(CollectiveAllReduceExtended._in_multi_worker_mode)
+
+
+def test_multi_worker_fit_workaround_is_inert_on_one_worker():
+    assert not kp.spans_several_workers(tf.distribute.get_strategy())
+    assert not kp.spans_several_workers(tf.distribute.MirroredStrategy(["/cpu:0"]))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    original = model.train_step
+    kp.work_around_multi_worker_fit(model)
+    kp.work_around_multi_worker_fit(model)  # idempotent: one wrapper, not two
+    assert model.train_step.__wrapped__ == original
+    assert model._maybe_symbolic_build.__wrapped__ == type(model)._maybe_symbolic_build.__get__(
+        model
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert np.shape(logs["loss"]) == ()  # no replica axis added on one worker
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.shape(history.history["loss"][0]) == ()

@@ -107,6 +107,36 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
     return optimizer._get_variable_index(variable)
 
 
+# Keras's optimizer slots, by optimizer class: ``{slot: attribute}``. Keras keeps them in
+# private lists, one entry per trainable variable (found with ``variable_index``).
+_SLOTS = {
+    "adam": {"velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+    "rmsprop": {"velocity": "_velocities", "average_gradient": "_average_gradients"},
+}
+
+
+def optimizer_slots(optimizer: keras.optimizers.Optimizer, kind: str, slot: str) -> list | None:
+    """Keras's per-variable slot variables of an Adam(W) or RMSprop optimizer, or ``None``.
+
+    ``kind`` is ``"adam"`` or ``"rmsprop"``; ``slot`` one of ``velocity``,
+    ``velocity_hat`` (Adam with ``amsgrad``), ``average_gradient`` (RMSprop with
+    ``centered``). Read-only use: the preconditioned sharpness of the diagnostic callbacks
+    is computed from them.
+    """
+    value = getattr(optimizer, _SLOTS[kind][slot], None)
+    return list(value) if value else None
+
+
+def applied_steps(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The optimizer's raw step counter: one per applied ``apply`` call (a variable).
+
+    ``optimizer.iterations`` is this counter divided by ``gradient_accumulation_steps``
+    when accumulation is on; ``SkippedSteps`` needs one count per batch that updated.
+    A step skipped by a ``LossScaleOptimizer`` or a keras-curv optimizer leaves it as is.
+    """
+    return optimizer._iterations
+
+
 def calling_models(start_depth: int = 2) -> Iterator[keras.Model]:
     """The ``keras.Model`` instances among the receivers (``self``) of the callers.
 
@@ -193,3 +223,103 @@ def use_fresh_collective_keys(strategy: tf.distribute.Strategy | None = None) ->
         if shared:
             extended._cross_device_ops = extended._collective_ops
     return True
+
+
+# ------------------------------------------------------------ multi-worker fit
+# Keras 3's ``fit``/``evaluate`` fail under a ``MultiWorkerMirroredStrategy`` that spans
+# several workers, whatever the optimizer (keras-team/keras#20585, open in Keras 3.15):
+#
+# 1. ``TensorFlowTrainer._maybe_symbolic_build`` takes the first batch of the
+#    distributed dataset, to build the model from its shapes, and averages it over the
+#    replicas with ``strategy.reduce("MEAN", batch, axis=None)``. A multi-worker
+#    strategy reduces through ``CollectiveAllReduce.reduce``, which takes one tensor,
+#    not the nested ``(x, y, sample_weight)``: "Attempt to convert a value
+#    (PerReplica...) to a Tensor".
+# 2. ``reduce_per_replica`` averages the step's logs over the replicas with
+#    ``strategy.reduce("MEAN", v, axis=0)`` when the strategy is multi-worker.
+#    ``axis=0`` averages along each replica's first axis as well, which a scalar loss
+#    does not have: "Invalid reduction dimension 0 for input with 0 dimensions".
+#
+# The workarounds live on the model instance (``keras_curv.attach`` installs them),
+# never on Keras's classes, and change nothing unless the model's strategy spans
+# several workers. ``tests/optimizers/test_multi_worker.py`` checks that plain Keras
+# still fails without them: when it stops failing, they can go.
+
+_MULTI_WORKER = "_keras_curv_multi_worker"  # marks an installed wrapper
+
+
+def spans_several_workers(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` is a ``MultiWorkerMirroredStrategy`` over several workers.
+
+    The test Keras itself uses to pick its multi-worker reductions
+    (``_collective_all_reduce_multi_worker``); ``_in_multi_worker_mode`` is private.
+    """
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _install(model: keras.Model, name: str, wrapper: Any) -> None:
+    if getattr(model.__dict__.get(name), _MULTI_WORKER, False):
+        return
+    wrapper.__wrapped__ = getattr(model, name)
+    setattr(wrapper, _MULTI_WORKER, True)
+    # object.__setattr__: a plain instance attribute, invisible to Keras's tracking.
+    object.__setattr__(model, name, wrapper)
+
+
+def build_from_a_local_batch(model: keras.Model) -> None:
+    """Workaround 1: ``_maybe_symbolic_build`` takes this worker's first batch as it is.
+
+    Keras reads only the batch's shapes and dtypes, which the local batch has. The
+    original then builds from it (``data_batch=``, no reduction).
+    """
+    original = model._maybe_symbolic_build
+
+    def _maybe_symbolic_build(iterator: Any = None, data_batch: Any = None) -> Any:
+        strategy = model.distribute_strategy
+        if iterator is None or not spans_several_workers(strategy):
+            return original(iterator=iterator, data_batch=data_batch)
+        # Keras's epoch iterators yield (first step, last step, data iterator).
+        for _, _, data in iterator:
+            batch = next(data)
+            break
+        else:
+            return original(iterator=iterator, data_batch=data_batch)
+
+        def local(value: Any) -> Any:
+            return value if value is None else strategy.experimental_local_results(value)[0]
+
+        return original(data_batch=tf.nest.map_structure(local, batch))
+
+    _install(model, "_maybe_symbolic_build", _maybe_symbolic_build)
+
+
+def logs_with_a_replica_axis(model: keras.Model) -> None:
+    """Workaround 2: the train and test steps' logs get a leading axis of length 1.
+
+    ``strategy.reduce("MEAN", v, axis=0)`` then averages over that axis and the
+    replicas only: the mean over replicas of each log, in its own shape, which is
+    what Keras gives on one worker.
+    """
+
+    def with_replica_axis(step: Any) -> Any:
+        def wrapped(data: Any) -> Any:
+            logs = step(data)
+            if not spans_several_workers(model.distribute_strategy):
+                return logs
+            return tf.nest.map_structure(
+                lambda v: tf.expand_dims(v, 0) if isinstance(v, tf.Tensor) else v, logs
+            )
+
+        return wrapped
+
+    _install(model, "train_step", with_replica_axis(model.train_step))
+    _install(model, "test_step", with_replica_axis(model.test_step))
+
+
+def work_around_multi_worker_fit(model: keras.Model) -> None:
+    """Installs both workarounds on ``model`` (idempotent); see the comment above."""
+    build_from_a_local_batch(model)
+    logs_with_a_replica_axis(model)

@@ -6,6 +6,19 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import tensorflow as tf
+
+from keras_curv._internal.numerics import exact_cast
+
+
+def replica_share(value: tf.Tensor, num_replicas: int) -> tf.Tensor:
+    """One replica's share of a loss averaged over its own batch: ``value / R``.
+
+    Keras's train step (and every Keras loss with a mean reduction) divides so, so that
+    the sum over the ``R`` replicas of the gradients is the gradient of the global
+    batch-mean loss.
+    """
+    return value if num_replicas == 1 else value / exact_cast(num_replicas, value.dtype)
 
 
 class PerSampleLoss(keras.losses.Loss):

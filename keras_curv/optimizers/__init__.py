@@ -14,6 +14,7 @@ from keras_curv.optimizers.full_batch import FullBatchOptimizer
 from keras_curv.optimizers.lbfgs import LBFGS
 from keras_curv.optimizers.newton_cg import LevenbergMarquardt, NewtonCG, NysNewtonCG
 from keras_curv.optimizers.objective import FullBatchObjective
+from keras_curv.optimizers.shampoo import Shampoo
 from keras_curv.optimizers.solve import MinimizeHistory, minimize
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "MinimizeHistory",
     "NewtonCG",
     "NysNewtonCG",
+    "Shampoo",
     "StepStatistics",
     "TrainBatch",
     "attach",

@@ -17,6 +17,8 @@ from keras import ops
 from keras_curv._internal import flat, validation
 from keras_curv._internal.keras_privates import track_optimizer_variable, variable_index
 from keras_curv._internal.numerics import exact_cast
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import DiagonalOperator
 from keras_curv.optimizers import _labels, distribute
 from keras_curv.optimizers._graph import StepGate, stacked_map
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
@@ -326,6 +328,41 @@ class AdaHessian(CurvatureOptimizer):
             "hessian_updates": tf.cast(self._hessian_iterations, tf.float32),
             "skipped_steps": tf.cast(self._skipped_steps, tf.float32),
         }
+
+    # ----------------------------------------------- the diagnostic callbacks' protocol
+
+    def _flat_rms(self) -> tf.Tensor | None:
+        """``sqrt(v / (1 − β2^τ))`` over all variables, flat; ``None`` before any Hessian step."""
+        self._check_built()
+        tau = int(self._hessian_iterations.numpy())
+        if tau == 0:
+            return None
+        v = flat.flatten([tf.convert_to_tensor(e) for e in self._hessian_emas])
+        correction = 1.0 - exact_cast(self.beta_2, v.dtype) ** tau
+        return tf.sqrt(v / correction)
+
+    def curvature_model(self) -> DiagonalOperator | None:
+        """``diag(sqrt(v̂))``: AdaHessian's estimate of ``|diag(H)|`` (protocol, read only).
+
+        Flat layout of the optimizer's variables (``model.trainable_variables`` when
+        built by ``fit``); ``None`` before the first Hessian step.
+        """
+        rms = self._flat_rms()
+        return None if rms is None else DiagonalOperator(rms)
+
+    def preconditioner(self) -> DiagonalOperator | None:
+        """``P = diag(sqrt(v̂)^k + ε)``, the update's denominator (protocol, read only)."""
+        rms = self._flat_rms()
+        if rms is None:
+            return None
+        if self.hessian_power != 1.0:
+            rms = rms ** exact_cast(self.hessian_power, rms.dtype)
+        return DiagonalOperator(rms + exact_cast(self.epsilon, rms.dtype))
+
+    def stability_threshold(self) -> float:
+        """``(2 + 2β1) / ((1 − β1) η)``: ``m`` is an EMA of the gradient (as Adam's)."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.beta_1, "ema")
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from keras_curv._internal import flat
+from keras_curv._internal.losses import replica_share
 from keras_curv._internal.model import recording_paused, stateless_outputs
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
 from keras_curv.optimizers._graph import stacked_map
@@ -315,7 +316,8 @@ class TrainBatch:
         if self.loss_function is not None:
             loss = self.loss_function(self.y, outputs, self.sample_weight)
             if losses:
-                loss = loss + tf.add_n([tf.cast(r, loss.dtype) for r in losses])
+                regularization = tf.add_n([tf.cast(r, loss.dtype) for r in losses])
+                loss = loss + replica_share(regularization, self.num_replicas)
             return loss
         model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]

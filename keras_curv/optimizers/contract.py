@@ -34,9 +34,11 @@ import tensorflow as tf
 from keras_curv._internal.keras_privates import (
     calling_models,
     flatten_layers,
+    spans_several_workers,
     strategy_needs_merge_call,
+    work_around_multi_worker_fit,
 )
-from keras_curv._internal.losses import as_keras_loss
+from keras_curv._internal.losses import as_keras_loss, replica_share
 from keras_curv._internal.model import recording_is_paused
 from keras_curv._internal.optimizer import unwrap
 from keras_curv.optimizers.batch import LayerCall, TrainBatch
@@ -65,6 +67,14 @@ USAGE = (
     "`train_step`, compute the loss with `self.compute_loss(x, y, y_pred, sample_weight)`; "
     "in a hand-written loop call `keras_curv.curvature_step(model, optimizer, loss, x, y)` "
     "instead of `optimizer.apply_gradients`."
+)
+
+LOSS_SCALING_ON_WORKERS = (
+    "{name} cannot run inside a LossScaleOptimizer (mixed_float16) on a "
+    "MultiWorkerMirroredStrategy over several workers: Keras calls it in a cross-replica "
+    "tf.cond where no collective can run, and the other workers' statistics are out of "
+    "reach. Use 'mixed_bfloat16' (no loss scaling) or float32 on several workers, or "
+    "mixed_float16 on one machine."
 )
 
 
@@ -245,10 +255,14 @@ def attach(model: keras.Model, *, layer_taps: bool = False) -> keras.Model:
     Plain ``model.compile(optimizer=keras_curv.X())`` + ``model.fit`` does this by
     itself; call it for anything unusual (a model whose optimizer is first used inside
     an already traced function, a custom training loop that calls
-    ``model.compute_loss``). Idempotent.
+    ``model.compute_loss``) and, before ``fit``, for a model trained under a
+    ``MultiWorkerMirroredStrategy`` over several workers: it also installs the
+    instance-level workaround for Keras's multi-worker ``fit`` (keras-team/keras#20585,
+    ``docs/hardening.md``), which plain Keras optimizers may use too. Idempotent.
 
     Args:
-        model: The model; only this instance's ``compute_loss`` (and, with
+        model: The model; only this instance's ``compute_loss``, ``call``,
+            ``train_step``, ``test_step`` and ``_maybe_symbolic_build`` (and, with
             ``layer_taps``, the supported layers' ``call``) are wrapped.
         layer_taps: Also record the inputs and pre-activation outputs of its Dense,
             Conv1D/2D, DepthwiseConv1D/2D, Embedding and normalization layers.
@@ -265,6 +279,8 @@ def attach(model: keras.Model, *, layer_taps: bool = False) -> keras.Model:
     recorder = _recorders.get(model)
     if recorder is None:
         recorder = _recorders[model] = _Recorder(model)
+        # Keras's fit fails on several workers, whatever the optimizer (keras#20585).
+        work_around_multi_worker_fit(model)
     if layer_taps:
         recorder.install_taps(model)
     for optimizer in _compiled_optimizers(model):
@@ -395,7 +411,9 @@ def current_batch(
     current_graph = tf.compat.v1.get_default_graph()
     if num_replicas > 1 and current_graph is not graph and strategy_needs_merge_call():
         # A LossScaleOptimizer's cross-replica tf.cond: no collective can run here, but
-        # every replica's record is in the step graph.
+        # every replica's record is in the step graph (of this worker only).
+        if spans_several_workers(tf.distribute.get_strategy()):
+            raise CurvatureContextError(LOSS_SCALING_ON_WORKERS.format(name=name))
         batch.replicas = _every_replica(model, optimizer, graph, num_replicas)
         batch.device = batch.replicas[replica].device
     return batch
@@ -493,6 +511,9 @@ def curvature_step(
     gradients and ``optimizer``'s curvature-aware update. Called eagerly it runs them in
     a ``tf.function`` traced once per model, optimizer and loss, and reused; called
     inside a ``tf.function`` (for example in ``strategy.run``) it adds them to that one.
+    Under a strategy, ``loss`` is still the mean over the replica's own batch: like
+    Keras's ``fit``, the step divides it (and the regularization losses) by the number
+    of replicas, so that the summed gradients are those of the global batch mean.
 
     Args:
         model: The model to train.
@@ -505,7 +526,8 @@ def curvature_step(
         training: Call the model in training mode.
 
     Returns:
-        The scalar training loss of the batch (before the update).
+        The scalar training loss of the batch (before the update); in ``strategy.run``,
+        this replica's share of it (``strategy.reduce("SUM", ...)`` gives the global).
 
     Example:
         >>> opt = keras_curv.AdaHessian()
@@ -544,9 +566,10 @@ def _step(model, optimizer, loss_fn, training, x, y, sample_weight):
     elif sample_weight is not None:
         raise ValueError("Sample weights need a keras.losses.Loss or a loss name.")
     else:
-
+        # Keras's mean losses divide by the replicas in sync themselves; a batch mean
+        # from a plain function gets the same share.
         def data_loss(y, y_pred, sample_weight):
-            return loss_fn(y, y_pred)
+            return replica_share(loss_fn(y, y_pred), num_replicas)
 
     with tf.GradientTape() as tape:
         y_pred = model(x, training=training)
@@ -555,7 +578,8 @@ def _step(model, optimizer, loss_fn, training, x, y, sample_weight):
         layer_calls, steps.pending_calls = tuple(steps.pending_calls), []
         value = data_loss(y, y_pred, sample_weight)
         if model.losses:
-            value = value + tf.add_n([tf.cast(r, value.dtype) for r in model.losses])
+            regularization = tf.add_n([tf.cast(r, value.dtype) for r in model.losses])
+            value = value + replica_share(regularization, num_replicas)
         scaled = optimizer.scale_loss(value)
     gradients = tape.gradient(scaled, variables)
     inner = unwrap(optimizer)

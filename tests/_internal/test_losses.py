@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_curv._internal.losses import PerSampleLoss, model_loss
+from keras_curv._internal.losses import PerSampleLoss, model_loss, replica_share
 
 
 def _model(dtype="float32"):
@@ -41,3 +42,10 @@ def test_a_plain_function_is_averaged_per_sample_in_the_model_dtype():
     assert loss.dtype == "float64"
     y_true, y_pred = np.zeros((2, 2)), np.array([[1.0, 1.0], [0.0, 2.0]])
     assert float(loss(y_true, y_pred)) == pytest.approx((2.0 + 4.0) / 2)
+
+
+def test_replica_share_divides_by_the_replicas_in_the_loss_dtype():
+    value = tf.constant(1.0, tf.float64)
+    assert replica_share(value, 1) is value
+    share = replica_share(value, 3)
+    assert share.dtype == tf.float64 and share.numpy() == 1.0 / 3.0

@@ -250,3 +250,16 @@ def test_curvature_step_eagerly_and_inside_a_tf_function(data):
     user_step(x, y)
     user_step(x, y)
     assert int(optimizer.steps_seen.numpy()) == 3
+
+
+def test_class_weights_reach_the_batch_as_sample_weights(data):
+    x, y = data
+    model = _model()
+    optimizer = Recorder(_dim(model))
+    model.compile(optimizer=optimizer, loss=LOSS)
+    class_weight = {0: 0.5, 1: 2.0, 2: 1.0}
+    model.fit(x, y, class_weight=class_weight, batch_size=32, epochs=1, verbose=0)
+    weights = np.array([class_weight[int(label)] for label in y])
+    hessian = HessianOperator(model, LOSS, x, y, sample_weight=weights, training=True)
+    expected = hessian.matvec(tf.ones(_dim(model))).numpy()
+    np.testing.assert_allclose(optimizer.hvp.numpy(), expected, rtol=1e-4, atol=1e-6)
