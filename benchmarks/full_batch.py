@@ -248,7 +248,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "full_batch.json"))
     args = parser.parse_args(argv)
+    # floatx and the policy: Keras fixes the global policy at the first layer it makes.
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     report = {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -261,6 +263,7 @@ def main(argv=None) -> dict:
         "digits": digits(max_train=300 if args.quick else None),
     }
     keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
     report["step_cost"] = step_cost(2 if args.quick else args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

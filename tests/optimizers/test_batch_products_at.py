@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras_curv._internal import flat
 from keras_curv.curvature import GGNOperator, HessianOperator
 from keras_curv.optimizers import CurvatureOptimizer, StepStatistics, curvature_step
+from tests.conftest import float64_everywhere
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
 SHIFT = 0.05
@@ -69,9 +70,9 @@ class Products(CurvatureOptimizer):
 def float64():
     # Keras adds a float64 regularization loss to the compiled loss only when floatx is
     # float64 (it casts the compiled loss to floatx first).
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
+    # The policy too: Keras fixes it at the first layer an earlier test made.
+    with float64_everywhere():
+        yield
 
 
 def _model():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from keras_curv.optimizers import LBFGS, LevenbergMarquardt, NewtonCG, NysNewtonCG
+from tests.conftest import float64_everywhere
 from tests.optimizers import _full_batch_numpy as ref
 
 L2 = 0.125  # exact in float32, as Keras stores it
@@ -20,9 +21,9 @@ STEPS = 4
 
 @pytest.fixture(autouse=True)
 def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
+    # The policy too: Keras fixes it at the first layer an earlier test made.
+    with float64_everywhere():
+        yield
 
 
 def _data(n=40, p=4, classes=3):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_curv.curvature import spectral_density
 from keras_curv.optimizers import FullBatchObjective
+from tests.conftest import float64_everywhere
 from tests.curvature.helpers import dense_ggn, dense_hessian
 
 L2 = 0.125
@@ -16,9 +17,9 @@ L2 = 0.125
 
 @pytest.fixture(autouse=True)
 def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
+    # The policy too: Keras fixes it at the first layer an earlier test made.
+    with float64_everywhere():
+        yield
 
 
 def _data(n=30):

@@ -11,15 +11,16 @@ import tensorflow as tf
 import keras_curv
 from keras_curv.callbacks import HessianSpectrum
 from keras_curv.optimizers import LBFGS, LevenbergMarquardt, NewtonCG, NysNewtonCG, minimize
+from tests.conftest import float64_everywhere
 
 METHODS = ["lbfgs", "newton_cg", "nys_newton_cg", "levenberg_marquardt"]
 
 
 @pytest.fixture(autouse=True)
 def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
+    # The policy too: Keras fixes it at the first layer an earlier test made.
+    with float64_everywhere():
+        yield
 
 
 def _least_squares(eigenvalues, start, seed=42):
