@@ -46,6 +46,7 @@ def _presets() -> dict[str, OptimizerPreset]:
         NewtonCG,
         NysNewtonCG,
         Shampoo,
+        Sophia,
     )
 
     return {
@@ -74,6 +75,16 @@ def _presets() -> dict[str, OptimizerPreset]:
             lambda lr, seed: ClassSubspaceNewton(
                 lr, gamma=0.9, curvature="gauss_newton", damping=1.0
             ),
+        ),
+        "sophia-h": OptimizerPreset(
+            "Sophia-H (Hutchinson estimate every 10 steps; its defaults otherwise)",
+            3e-3,
+            lambda lr, seed: Sophia(lr, seed=seed),
+        ),
+        "sophia-g": OptimizerPreset(
+            'Sophia-G (estimator="gauss_newton_bartlett"; its defaults otherwise)',
+            3e-3,
+            lambda lr, seed: Sophia(lr, estimator="gauss_newton_bartlett", seed=seed),
         ),
         "lbfgs": OptimizerPreset(
             "L-BFGS, memory 10, strong Wolfe (full batch)",
@@ -105,6 +116,8 @@ OPTIMIZERS = (
     "shampoo",
     "csn",
     "csn-gn",
+    "sophia-h",
+    "sophia-g",
     "lbfgs",
     "newton-cg",
     "nys-newton-cg",
@@ -112,7 +125,7 @@ OPTIMIZERS = (
 )
 # What `compare` trains without --optimizers: the mini-batch methods (the full-batch
 # ones need --batch-size equal to the training set to make sense).
-COMPARE_DEFAULT = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn")
+COMPARE_DEFAULT = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -124,6 +137,9 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
               gamma 0.9, no momentum
+  sophia-h    Sophia with the Hutchinson estimate (Sophia-H), lr 3e-3, its defaults
+              otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
+  sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
   lbfgs, newton-cg, nys-newton-cg, levenberg-marquardt
               the full-batch solvers with their defaults (lr = the line search's first
               trial step, 1.0); give --batch-size the training-set size (--max-train),

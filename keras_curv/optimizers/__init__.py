@@ -16,6 +16,7 @@ from keras_curv.optimizers.newton_cg import LevenbergMarquardt, NewtonCG, NysNew
 from keras_curv.optimizers.objective import FullBatchObjective
 from keras_curv.optimizers.shampoo import Shampoo
 from keras_curv.optimizers.solve import MinimizeHistory, minimize
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -32,6 +33,7 @@ __all__ = [
     "NewtonCG",
     "NysNewtonCG",
     "Shampoo",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",
