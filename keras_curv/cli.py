@@ -67,7 +67,7 @@ def _presets() -> dict[str, OptimizerPreset]:
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
             0.1,
-            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9),
+            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9, curvature="paper"),
         ),
         "csn-gn": OptimizerPreset(
             'ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, no momentum',
