@@ -9,18 +9,24 @@ _versions.check_versions()  # before the imports below, whose errors an old Kera
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
     KFAC,
+    LBFGS,
     OSGM,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    LevenbergMarquardt,
     Lookahead,
+    MinimizeHistory,
+    NewtonCG,
+    NysNewtonCG,
     Shampoo,
     SketchySGD,
     Sophia,
     TrainBatch,
     attach,
     curvature_step,
+    minimize,
 )
 
 __all__ = [
@@ -32,12 +38,18 @@ __all__ = [
     "Lookahead",
     "OSGM",
     "SketchySGD",
+    "LBFGS",
+    "LevenbergMarquardt",
+    "MinimizeHistory",
+    "NewtonCG",
+    "NysNewtonCG",
     "Shampoo",
     "Sophia",
     "TrainBatch",
     "attach",
     "curvature",
     "curvature_step",
+    "minimize",
     "optimizers",
     "__version__",
 ]

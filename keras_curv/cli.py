@@ -40,10 +40,14 @@ def _presets() -> dict[str, OptimizerPreset]:
 
     from keras_curv.optimizers import (
         KFAC,
+        LBFGS,
         OSGM,
         AdaHessian,
         ClassSubspaceNewton,
+        LevenbergMarquardt,
         Lookahead,
+        NewtonCG,
+        NysNewtonCG,
         Shampoo,
         SketchySGD,
         Sophia,
@@ -106,6 +110,26 @@ def _presets() -> dict[str, OptimizerPreset]:
             3e-3,
             lambda lr, seed: Lookahead(keras.optimizers.Adam(lr)),
         ),
+        "lbfgs": OptimizerPreset(
+            "L-BFGS, memory 10, strong Wolfe (full batch)",
+            1.0,
+            lambda lr, seed: LBFGS(lr),
+        ),
+        "newton-cg": OptimizerPreset(
+            "Newton-CG on the Hessian, adaptive damping (full batch)",
+            1.0,
+            lambda lr, seed: NewtonCG(lr),
+        ),
+        "nys-newton-cg": OptimizerPreset(
+            "NysNewton-CG, rank 10, mu 1e-4 (full batch)",
+            1.0,
+            lambda lr, seed: NysNewtonCG(lr, seed=seed),
+        ),
+        "levenberg-marquardt": OptimizerPreset(
+            "Levenberg-Marquardt on the Gauss-Newton matrix (full batch)",
+            1.0,
+            lambda lr, seed: LevenbergMarquardt(learning_rate=lr),
+        ),
     }
 
 
@@ -122,7 +146,14 @@ OPTIMIZERS = (
     "sketchysgd",
     "osgm",
     "lookahead",
+    "lbfgs",
+    "newton-cg",
+    "nys-newton-cg",
+    "levenberg-marquardt",
 )
+# What `compare` trains without --optimizers: the mini-batch methods (the full-batch
+# ones need --batch-size equal to the training set to make sense).
+COMPARE_DEFAULT = OPTIMIZERS[: OPTIMIZERS.index("lbfgs")]
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -141,6 +172,10 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
   sketchysgd  SketchySGD with its defaults (automatic step size: lr "auto")
   osgm        OSGM, lr 1e-4 (the online learner's), max_scale 1e-3, momentum 0.9
   lookahead   Lookahead(Adam lr 3e-3), sync_period 5, slow_step_size 0.5
+  lbfgs, newton-cg, nys-newton-cg, levenberg-marquardt
+              the full-batch solvers with their defaults (lr = the line search's first
+              trial step, 1.0); give --batch-size the training-set size (--max-train),
+              on mini-batches they warn (docs/full_batch.md). Not in compare's default.
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the
@@ -265,8 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--optimizers",
         type=_optimizer_list,
-        default=list(OPTIMIZERS),
-        help=f"comma-separated subset (default: {','.join(OPTIMIZERS)})",
+        default=list(COMPARE_DEFAULT),
+        help=f"comma-separated subset of {','.join(OPTIMIZERS)} "
+        f"(default: {','.join(COMPARE_DEFAULT)})",
     )
     compare.add_argument(
         "--every",

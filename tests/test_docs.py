@@ -24,6 +24,7 @@ REQUIRED_PAGES = (
     "kfac.md",
     "sketchy_sgd.md",
     "sophia.md",
+    "full_batch.md",
     "integration.md",
     "callbacks.md",
     "tensorboard.md",

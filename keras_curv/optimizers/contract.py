@@ -440,6 +440,18 @@ def _batch_from(record, model, optimizer, gradients, graph, replica, num_replica
     )
 
 
+def every_replica(optimizer: keras.optimizers.Optimizer, batch: TrainBatch) -> list[TrainBatch]:
+    """Every replica's batch of ``batch``'s step, each with :attr:`TrainBatch.replicas` set.
+
+    For statistics built once, in a cross-replica context, from all replicas' tensors:
+    inside a ``merge_call`` of a strategy that needs one (``MirroredStrategy`` over local
+    devices), where no collective can run in a ``tf.while_loop`` body (a line search's),
+    every replica's record is in the step graph and sums over replicas are plain
+    additions (:func:`~keras_curv.optimizers.replica_sum` then does them).
+    """
+    return _every_replica(batch.model, optimizer, batch.graph, batch.num_replicas)
+
+
 def _every_replica(model, optimizer, graph, num_replicas) -> list[TrainBatch]:
     batches = []
     store = getattr(graph, _STORE)

@@ -121,6 +121,7 @@ class OSGM(CurvatureOptimizer):
         slots = self.add_optimizer_variables(var_list, names)
         self._accumulators, self._previous_gradients = slots[0], slots[1]
         self._velocities = slots[2] if self.momentum else []
+
         def initial(shape, dtype):
             # Not keras.initializers.Constant: it rounds the value through float32.
             return tf.fill(shape, exact_cast(self.initial_scale, dtype))
