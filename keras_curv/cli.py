@@ -48,7 +48,9 @@ def _presets() -> dict[str, OptimizerPreset]:
         ),
         "adam": OptimizerPreset("Adam", 3e-3, lambda lr, seed: keras.optimizers.Adam(lr)),
         "adahessian": OptimizerPreset(
-            "AdaHessian (its defaults)", 0.15, lambda lr, seed: AdaHessian(lr, seed=seed)
+            "AdaHessian (its defaults: the authors' rule with step_cap 1)",
+            0.15,
+            lambda lr, seed: AdaHessian(lr, seed=seed),
         ),
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
@@ -70,7 +72,8 @@ OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn")
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
   adam        Adam, lr 3e-3
-  adahessian  AdaHessian with its defaults, lr 0.15
+  adahessian  AdaHessian with its defaults, lr 0.15 (each step clipped to lr per
+              coordinate: step_cap=1; step_cap=None is the authors' rule)
   csn         ClassSubspaceNewton as in the paper: curvature="paper" (eq. 17), lr 0.1,
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
