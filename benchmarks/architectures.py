@@ -256,7 +256,7 @@ def child_startup(name: str, key: str) -> dict:
 
     import keras
 
-    from keras_curv.optimizers import CurvatureOptimizer
+    from keras_curv._internal import memory
 
     n = 2 * BATCH + 5  # a short last batch
     x, y = make_data(name, n, 10)
@@ -266,14 +266,13 @@ def child_startup(name: str, key: str) -> dict:
     rss_built = _current_rss_bytes()
     optimizer = make_optimizer(key)
     traces = []
-    if isinstance(optimizer, CurvatureOptimizer):
-        inner = optimizer.step_statistics
+    train_step = model.train_step
 
-        def counted(batch):
-            traces.append(1)
-            return inner(batch)
+    def counted(data):  # runs once per trace of the train function
+        traces.append(1)
+        return train_step(data)
 
-        optimizer.step_statistics = counted
+    model.train_step = counted
     model.compile(optimizer=optimizer, loss=make_loss(name))
     start = time.perf_counter()
     model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
@@ -281,22 +280,16 @@ def child_startup(name: str, key: str) -> dict:
     traces_first = len(traces)
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    state = sum(int(v.shape.num_elements()) * v.dtype.size for v in _dtype_vars(optimizer))
+    state = memory.state_bytes(1, optimizer.variables)
     return {
         "model": name,
         "optimizer": key,
         "first_step_s": first,
         "retraces_over_short_batch": len(traces) - traces_first,
-        "train_function_traces": int(model.train_function.experimental_get_tracing_count()),
+        "train_step_traces": len(traces),
         "peak_rss_above_model_mb": (peak - rss_built) / 2**20,
         "optimizer_state_mb": state / 2**20,
     }
-
-
-def _dtype_vars(optimizer):
-    import tensorflow as tf
-
-    return [v for v in optimizer.variables if tf.as_dtype(v.dtype) is not None]
 
 
 def _current_rss_bytes() -> int:
@@ -331,8 +324,17 @@ def measure_startup(names, keys, threads: int | None, log=print) -> list[dict]:
     return rows
 
 
-def run(mode: str = "default", sections=("hvp", "steps", "startup"), threads=None, log=print):
-    """Measures the chosen sections with the settings of ``mode``; returns the results dict."""
+def run(
+    mode: str = "default",
+    sections=("hvp", "steps", "startup"),
+    threads=None,
+    log=print,
+    checkpoint=lambda result: None,
+):
+    """Measures the chosen sections with the settings of ``mode``; returns the results dict.
+
+    ``checkpoint(result)`` is called after each section, so a failure keeps what was measured.
+    """
     from benchmarks.hvp_cost import machine_info
 
     config = MODES[mode]
@@ -344,6 +346,7 @@ def run(mode: str = "default", sections=("hvp", "steps", "startup"), threads=Non
         log("[hvp]")
         names = config.get("hvp_models", config["models"])
         result["hvp"] = [measure_hvp(n, config["hvp_repeats"], log) for n in names]
+        checkpoint(result)
     if "steps" in sections:
         log("[steps]")
         rows = []
@@ -358,6 +361,7 @@ def run(mode: str = "default", sections=("hvp", "steps", "startup"), threads=Non
                     continue
                 rows.append(measure_steps(name, c, keys, config["steps"], config["repeats"], log))
         result["steps"] = rows
+        checkpoint(result)
     if "startup" in sections and config["startup_models"]:
         log("[startup]")
         result["startup"] = measure_startup(
@@ -488,9 +492,13 @@ def main(argv=None) -> dict | None:
         result = json.loads(args.output.read_text())
     else:
         sections = [s for s in args.only.split(",") if s]
-        result = run(mode, sections, args.threads)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+        def save(result):
+            args.output.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+        result = run(mode, sections, args.threads, checkpoint=save)
+        save(result)
         print(f"wrote {args.output}")
     if not args.no_docs:
         update_doc(markdown(result))
