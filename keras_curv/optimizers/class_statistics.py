@@ -44,30 +44,8 @@ def can_partition(batch: TrainBatch) -> bool:
     if batch.x is None or under_xla():
         return False
     for layer in flatten_layers(batch.model):
-        if isinstance(layer, keras.layers.BatchNormalization) or _draws_random_numbers(layer):
+        if isinstance(layer, keras.layers.BatchNormalization) or has_random_state(layer):
             return False
-    return True
-
-
-# Layers that keep a seed generator but draw nothing while all their rates are 0.
-_RATED = (
-    keras.layers.Dropout,
-    keras.layers.LSTM,
-    keras.layers.GRU,
-    keras.layers.SimpleRNN,
-    keras.layers.LSTMCell,
-    keras.layers.GRUCell,
-    keras.layers.SimpleRNNCell,
-)
-
-
-def _draws_random_numbers(layer: keras.layers.Layer) -> bool:
-    """Random state, unless a Dropout or recurrent layer whose every dropout rate is 0."""
-    if not has_random_state(layer):
-        return False
-    if isinstance(layer, _RATED):
-        rates = [getattr(layer, name, 0.0) for name in ("rate", "dropout", "recurrent_dropout")]
-        return any(float(rate) > 0 for rate in rates)
     return True
 
 
