@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint docs bench bench-quick clean
+.PHONY: demo test lint docs bench bench-quick check-floor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+# Slow (downloads TensorFlow, ~5 min of tests), so not part of `test`: the package at the
+# dependency floors of pyproject.toml, in a fresh venv (docs/compatibility.md).
+check-floor:
+	bash tools/check_floor.sh
 
 clean:
 	rm -rf $(VENV) site build *.egg-info

@@ -10,7 +10,10 @@ accuracy section (:mod:`benchmarks.accuracy`) and the training section
   ``<!-- suite:end -->`` (the hand-written text around it stays).
 
 ``--only cost,accuracy`` runs some sections; ``--from-json`` redraws the plots and the
-docs from an earlier ``suite.json`` without measuring anything.
+docs from an earlier ``suite.json`` without measuring anything. ``--only arena`` runs the
+optimizer arena instead (:mod:`benchmarks.arena`: its own ``arena.json`` and
+``docs/arena.md``; about an hour, ``--quick`` a few minutes); the arena never runs
+unless asked for.
 """
 
 from __future__ import annotations
@@ -484,12 +487,20 @@ def main(argv=None) -> dict:
     group.add_argument("--quick", action="store_true", help="a few minutes; coarse numbers")
     group.add_argument("--full", action="store_true", help="longer runs, more seeds/sizes")
     group.add_argument("--smoke", action="store_true", help="tiny, for the tests (< 1 min)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="cost,accuracy,training")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help="cost,accuracy,training (or arena)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "suite.json")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/ untouched")
     parser.add_argument("--from-json", action="store_true", help="only redraw plots and docs")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "smoke" if args.smoke else "default"
+    if args.only == "arena":
+        from benchmarks import arena
+
+        arena_mode = "default" if mode == "full" else mode
+        output = None if args.output == RESULTS / "suite.json" else args.output
+        return arena.main(arena_mode, output, docs=not args.no_docs, from_json=args.from_json)
     if args.from_json:
         result = json.loads(args.output.read_text())
     else:

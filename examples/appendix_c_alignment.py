@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="batches whose class directions are kept (evenly spaced; each is C x params floats)",
     )
     p.add_argument("--probe-size", type=int, default=None, help="probe samples (2048; 256 smoke)")
-    p.add_argument("--rank-rtol", type=float, default=1e-2, help="combined_rank threshold")
+    p.add_argument(
+        "--rank-cos-tol", type=float, default=0.9, help="combined_rank: shared-angle cosine"
+    )
     args = _common.parse(p, argv)
     data = _common.load_data(args, args.dataset, smoke_max_train=384, smoke_max_test=128)
     if data is None:
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assignment = best_assignment(cosine_matrix(rows, top))
         cosines.append(assignment.mean_cosine)
         matched.append(assignment.cosines)
-        ranks.append(combined_rank(rows, top, rtol=args.rank_rtol))
+        ranks.append(combined_rank(rows, top, cos_tol=args.rank_cos_tol))
     final = class_gradients(model, x_probe, y_probe).numpy()
     final_cos = cosine_matrix(final, top)
     final_assignment = best_assignment(final_cos)

@@ -2,12 +2,18 @@
 
 __version__ = "0.1.0"
 
+from keras_curv._internal import versions as _versions  # noqa: E402
+
+_versions.check_versions()  # before the imports below, whose errors an old Keras would obscure
+
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    Shampoo,
+    Sophia,
     TrainBatch,
     attach,
     curvature_step,
@@ -18,6 +24,8 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "Shampoo",
+    "Sophia",
     "TrainBatch",
     "attach",
     "curvature",

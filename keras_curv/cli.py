@@ -38,7 +38,7 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
 
     return {
         "sgd": OptimizerPreset(
@@ -52,6 +52,11 @@ def _presets() -> dict[str, OptimizerPreset]:
             0.15,
             lambda lr, seed: AdaHessian(lr, seed=seed),
         ),
+        "shampoo": OptimizerPreset(
+            "Shampoo, Adam grafting, roots every 10 steps (the adam preset's rate)",
+            3e-3,
+            lambda lr, seed: Shampoo(lr),
+        ),
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
             0.1,
@@ -64,20 +69,35 @@ def _presets() -> dict[str, OptimizerPreset]:
                 lr, gamma=0.9, curvature="gauss_newton", damping=1.0
             ),
         ),
+        "sophia-h": OptimizerPreset(
+            "Sophia-H (Hutchinson estimate every 10 steps; its defaults otherwise)",
+            3e-3,
+            lambda lr, seed: Sophia(lr, seed=seed),
+        ),
+        "sophia-g": OptimizerPreset(
+            'Sophia-G (estimator="gauss_newton_bartlett"; its defaults otherwise)',
+            3e-3,
+            lambda lr, seed: Sophia(lr, estimator="gauss_newton_bartlett", seed=seed),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "csn", "csn-gn")
+OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
   adam        Adam, lr 3e-3
   adahessian  AdaHessian with its defaults, lr 0.15 (each step clipped to lr per
               coordinate: step_cap=1; step_cap=None is the authors' rule)
+  shampoo     Shampoo with its defaults (Adam grafting, inverse roots every 10 steps),
+              lr 3e-3 as the adam preset: grafting gives it Adam's step size
   csn         ClassSubspaceNewton as in the paper: curvature="paper" (eq. 17), lr 0.1,
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
               gamma 0.9, no momentum
+  sophia-h    Sophia with the Hutchinson estimate (Sophia-H), lr 3e-3, its defaults
+              otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
+  sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the
@@ -320,6 +340,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from keras_curv.callbacks import HessianSpectrum, SubspaceAlignment
+    from keras_curv.callbacks._protocol import optimizer_preconditioning
     from keras_curv.callbacks.summaries import CurvatureWriter
     from keras_curv.curvature import spectral_density
     from keras_curv.plotting import render_density
@@ -330,7 +351,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     log_dir = _run_dir(args.logdir)
     probe_size = min(args.probe_size, data.num_train)
     probe = (data.x_train[:probe_size], data.y_train[:probe_size])
-    spectrum = HessianSpectrum(probe, every_n_epochs=args.every, log_dir=log_dir, seed=args.seed)
+    spectrum = HessianSpectrum(
+        probe, every_n_epochs=args.every, log_dir=log_dir, seed=args.seed, blocks="layer"
+    )
     alignment = SubspaceAlignment(probe, every_n_epochs=args.every, log_dir=log_dir, seed=args.seed)
     eigen_rows: list[np.ndarray] = []
     eigen_epochs: list[int] = []
@@ -384,6 +407,20 @@ def run_demo(args: argparse.Namespace) -> dict:
     }
     # The callbacks' step is the epoch index when they run on an epoch schedule.
     alignment_epochs = list(alignment.measurements.get("step", []))
+    measured = spectrum.measurements
+    preconditioning = optimizer_preconditioning(model, spectrum.operator.dim)
+    stability = {
+        "sharpness": measured.get("sharpness"),
+        "threshold": 2.0 / rate,  # gradient descent's: a reference for λ₁ itself
+        "preconditioned": measured.get("preconditioned_sharpness"),
+        "preconditioned_threshold": getattr(preconditioning, "threshold", None),
+    }
+    blocks = {
+        name: measured[f"{name}_top_eigenvalue"]
+        for name in spectrum.block_spectra.operators
+        if f"{name}_top_eigenvalue" in measured
+    }
+    rank = alignment.measurements.get("combined_rank")
     report = demo_report(
         os.path.join(log_dir, "report.png"),
         history,
@@ -394,6 +431,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         (slq.grid, slq.density),
         f"keras-curv demo: small_cnn on {data.name}, {args.optimizer} (lr {rate:g}), "
         f"seed {args.seed}",
+        stability=stability,
+        blocks=blocks,
+        combined_rank=(rank, data.num_classes) if rank else None,
     )
 
     accuracy, val_accuracy = _last(history, "accuracy"), _last(history, "val_accuracy")
@@ -403,10 +443,22 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
     if eigen_rows:
         print(
-            f"Top Hessian eigenvalue {eigen_rows[-1][0]:.4g}, trace "
-            f"{spectrum.measurements['hessian_trace'][-1]:.4g}, class-gradient alignment "
-            f"{alignment.measurements['alignment'][-1]:.3f} (final epoch)."
+            f"Top Hessian eigenvalue {eigen_rows[-1][0]:.4g} (x lr: "
+            f"{measured['sharpness_x_lr'][-1]:.3g}), trace {measured['hessian_trace'][-1]:.4g}, "
+            f"class-gradient alignment {alignment.measurements['alignment'][-1]:.3f}, "
+            f"combined rank {rank[-1] if rank else float('nan'):.0f} of "
+            f"{2 * data.num_classes} (final epoch)."
         )
+        if measured.get("preconditioned_sharpness") and stability["preconditioned_threshold"]:
+            print(
+                f"Preconditioned sharpness λ₁(P⁻¹H) {measured['preconditioned_sharpness'][-1]:.4g}"
+                f" against its threshold {stability['preconditioned_threshold']:.4g}."
+            )
+        if measured.get("curvature_model_overlap"):
+            print(
+                "The optimizer's curvature model overlaps the top eigenspace by "
+                f"{measured['curvature_model_overlap'][-1]:.2f} (1: the same subspace)."
+            )
     print(f"TensorBoard logs: {log_dir}")
     print(f"Report:           {report}")
     print(f"View the logs:    tensorboard --logdir {log_dir}")
@@ -417,6 +469,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "eigen_epochs": eigen_epochs,
         "eigenvalues": [row.tolist() for row in eigen_rows],
         "alignment": series,
+        "measurements": {**spectrum.measurements, **alignment.measurements},
         "seconds": seconds,
     }
 

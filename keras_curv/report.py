@@ -2,7 +2,9 @@
 
 * :func:`demo_report`: one training run: loss and accuracy curves (train and validation),
   the top Hessian eigenvalues and the class-gradient alignment over the epochs, the final
-  top-k eigenvalues and the final spectral density.
+  top-k eigenvalues and the final spectral density; the edge of stability (sharpness and
+  preconditioned sharpness against their thresholds), the per-layer top eigenvalues and
+  the combined rank of the class gradients and the top eigenvectors.
 * :func:`compare_report`: several optimizers on the same data, model and seed: their train
   and validation loss and accuracy curves overlaid (as in Fig. 1 and 2 of the
   class-subspace paper).
@@ -66,8 +68,12 @@ def demo_report(
     alignment_epochs: Sequence[int],
     density: tuple[Any, Any] | None,
     title: str,
+    *,
+    stability: Mapping[str, Any] | None = None,
+    blocks: Mapping[str, Sequence[float]] | None = None,
+    combined_rank: tuple[Sequence[float], int] | None = None,
 ) -> str:
-    """Writes the six-panel report of one training run as a PNG.
+    """Writes the nine-panel report of one training run as a PNG.
 
     Args:
         path: Output file (``.png``).
@@ -80,6 +86,11 @@ def demo_report(
         alignment_epochs: 0-based epochs of the alignment measurements.
         density: ``(grid, density)`` of the final spectral density, or ``None``.
         title: Figure title.
+        stability: Edge of stability, measured at ``eigen_epochs``: ``{"sharpness": [...],
+            "threshold": float | None (2/η-like, for the sharpness),
+            "preconditioned": [...] | None, "preconditioned_threshold": float | None}``.
+        blocks: Block name -> its top eigenvalue at each of ``eigen_epochs``.
+        combined_rank: ``(values at alignment_epochs, C)``; drawn between ``C`` and ``2C``.
 
     Returns:
         The path written.
@@ -88,8 +99,8 @@ def demo_report(
         >>> demo_report("report.png", history.history, [0, 1], [[5.0, 2.0], [4.0, 1.5]],
         ...             {"alignment": [0.4, 0.6]}, [0, 1], None, "digits")
     """
-    figure = agg_figure(15.0, 8.0)
-    panels = figure.subplots(2, 3)
+    figure = agg_figure(15.0, 11.5)
+    panels = figure.subplots(3, 3)
 
     _curves(panels[0, 0], history, "loss")
     _finish(panels[0, 0], "loss", "epoch", "cross-entropy")
@@ -121,10 +132,51 @@ def demo_report(
     else:
         _finish(panels[1, 2], "spectral density (not measured)", "eigenvalue", "density")
 
+    _stability_panel(panels[2, 0], eigen_epochs, stability)
+    axes = panels[2, 1]
+    for name, values in (blocks or {}).items():
+        axes.plot(np.asarray(eigen_epochs) + 1, values, "-o", ms=3, label=name)
+    if blocks:
+        _log_scale_if_wide(axes, np.concatenate([np.asarray(v, float) for v in blocks.values()]))
+    _finish(axes, "per-layer top eigenvalue λ₁(H_BB)", "epoch", "eigenvalue")
+    axes = panels[2, 2]
+    if combined_rank is not None:
+        values, c = combined_rank
+        axes.plot(np.asarray(alignment_epochs) + 1, values, "-o", ms=3, label="combined rank")
+        for level, label in ((c, "C: one span"), (2 * c, "2C: disjoint")):
+            axes.axhline(level, color="gray", ls=":", lw=1)
+            axes.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7)
+        axes.set_ylim(c - 0.5, 2 * c + 0.5)
+    _finish(axes, "rank of [class gradients, top eigenvectors]", "epoch", "rank", legend=False)
+
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(os.fspath(path), format="png")
     return os.fspath(path)
+
+
+def _stability_panel(axes, epochs: Sequence[int], stability: Mapping[str, Any] | None) -> None:
+    """Sharpness (and the preconditioned sharpness) against their stability thresholds."""
+    x = np.asarray(epochs) + 1
+    stability = stability or {}
+    drawn = []
+    for key, threshold_key, label in (
+        ("sharpness", "threshold", "λ₁(H)"),
+        ("preconditioned", "preconditioned_threshold", "λ₁(P⁻¹H)"),
+    ):
+        values = stability.get(key)
+        if values is None or not len(values):
+            continue
+        line = axes.plot(x, values, "-o", ms=3, label=label)
+        drawn.extend(values)
+        threshold = stability.get(threshold_key)
+        if threshold is not None:
+            color = line[0].get_color()
+            axes.axhline(threshold, color=color, ls="--", lw=1, label=f"{label}: threshold")
+            drawn.append(threshold)
+    if drawn:
+        _log_scale_if_wide(axes, drawn)
+    _finish(axes, "edge of stability", "epoch", "curvature")
 
 
 def compare_report(

@@ -19,4 +19,3 @@ def float64_everywhere():
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy(policy)
-

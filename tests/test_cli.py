@@ -84,6 +84,17 @@ def test_demo_writes_report_tensorboard_logs_and_summary(tmp_path, capsys):
     assert {"hessian/eigenvalue_1", "hessian/eigenvalue_10", "hessian/trace"} <= curvature
     assert {"alignment/assignment_cosine", "alignment/subspace_overlap"} <= curvature
     assert {"hessian/eigenvalues", "hessian/density"} <= curvature  # images
+    # The research views: edge of stability, the optimizer's curvature model, per-layer
+    # spectra, the combined rank, and the custom-scalars layout that charts them.
+    assert {"hessian/sharpness", "hessian/preconditioned_sharpness"} <= curvature
+    assert {"hessian/preconditioned_threshold", "curvature_model/overlap"} <= curvature
+    assert {"blocks/dense/top_eigenvalue", "blocks/dense/trace"} <= curvature
+    assert {"alignment/combined_rank", "custom_scalars__config__"} <= curvature
+    measured = result["measurements"]
+    assert np.isfinite(measured["preconditioned_sharpness"][0])
+    # With its tolerance the rank carries information: below 2C in real training (the
+    # exact rank was 2C = 20 at every epoch).
+    assert 10 <= measured["combined_rank"][0] < 20
     assert {"epoch_loss", "epoch_accuracy", "epoch_top_eigenvalue"} <= _tags(run / "train")
     assert {"epoch_loss", "epoch_accuracy"} <= _tags(run / "validation")
 
@@ -155,6 +166,17 @@ def test_compare_subset_and_validation_every(tmp_path, capsys):
     assert Path(result["json"]).is_file() and Path(result["report"]).is_file()
 
 
+def test_compare_offers_both_sophia_presets(tmp_path):
+    argv = ["compare", "--optimizers", "sophia-h,sophia-g", "--epochs", "1"]
+    argv += ["--max-train", "256", "--max-test", "64", "--logdir", str(tmp_path)]
+    result = cli.run_compare(cli._parser().parse_args(argv))
+    assert list(result["optimizers"]) == ["sophia-h", "sophia-g"]
+    for name, run in result["optimizers"].items():
+        assert run["learning_rate"] == 3e-3
+        assert math.isfinite(run["final"]["loss"]), (name, run)
+        assert run["final"]["loss"] < math.log(10), (name, run)  # below chance after 8 steps
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -201,3 +223,13 @@ def test_unavailable_dataset_exits_2_with_one_line(command, tmp_path, capsys, mo
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "digits" in err and "mnist1d" in err
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_compare_offers_shampoo(tmp_path):
+    args = ["compare", "--optimizers", "shampoo,adam", "--epochs", "1", "--max-train", "256",
+            "--max-test", "64", "--logdir", str(tmp_path)]  # fmt: skip
+    result = cli.run_compare(cli._parser().parse_args(args))
+    shampoo = result["optimizers"]["shampoo"]
+    assert shampoo["learning_rate"] == 3e-3
+    assert math.isfinite(shampoo["final"]["loss"])
+    assert shampoo["history"]["loss"][0] < 2.4  # ln 10 ≈ 2.30 at chance

@@ -105,6 +105,22 @@ def test_optimizer_privates():
     np.testing.assert_allclose(np.linalg.norm(clipped[0]), 1.0, rtol=1e-6)
 
 
+def test_stateless_seed_reproduces_keras_random_draws():
+    # Two generators in the same state: keras.random's draw, and a stateless draw from
+    # the seed pair, must agree (the convention of Keras's TF backend, `_cast_seed`).
+    ours = keras.random.SeedGenerator(2**40 + 5)
+    theirs = keras.random.SeedGenerator(2**40 + 5)
+    seed = kp.stateless_seed(ours.next())
+    assert seed.dtype == tf.int32
+    mine = tf.random.stateless_uniform((3, 7), seed=seed, minval=0, maxval=2, dtype=tf.int32)
+    expected = keras.random.randint((3, 7), 0, 2, dtype="int32", seed=theirs)
+    np.testing.assert_array_equal(mine.numpy(), np.asarray(expected))
+    uniform = tf.random.stateless_uniform((4,), seed=kp.stateless_seed(ours.next()))
+    expected = keras.random.uniform((4,), seed=theirs)
+    np.testing.assert_array_equal(uniform.numpy(), np.asarray(expected))
+    np.testing.assert_array_equal(ours.state.numpy(), theirs.state.numpy())
+
+
 def test_calling_models_finds_the_model_among_callers():
     class Model(keras.Model):
         def probe(self):
@@ -169,6 +185,46 @@ def test_loss_scale_optimizer_calls_the_inner_optimizer_in_a_merge_call():
     """With merge_call, TrainBatch.replicas sums the statistics in the step graph."""
     source = inspect.getsource(keras.optimizers.LossScaleOptimizer._tf_apply)
     assert "merge_call" in source and "call_for_each_replica" in source
+
+
+def test_applied_steps_counts_every_applied_batch_under_accumulation():
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    optimizer.build([variable])
+    for _ in range(3):
+        optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer).numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_loss_scale_optimizer_skips_without_advancing_the_step_counter():
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.build([variable])
+    optimizer.apply([tf.constant([np.inf, 1.0])], [variable])
+    optimizer.apply([tf.ones(2)], [variable])
+    assert int(kp.applied_steps(optimizer.inner_optimizer).numpy()) == 1
+    assert optimizer.iterations is optimizer.inner_optimizer.iterations
+
+
+@pytest.mark.parametrize(
+    "optimizer, kind, slots",
+    [
+        (keras.optimizers.Adam(amsgrad=True), "adam", ("velocity", "velocity_hat")),
+        (keras.optimizers.AdamW(), "adam", ("velocity",)),
+        (keras.optimizers.RMSprop(centered=True), "rmsprop", ("velocity", "average_gradient")),
+    ],
+)
+def test_optimizer_slots_follow_the_variables(optimizer, kind, slots):
+    variables = [keras.Variable(np.ones(3, "float32")), keras.Variable(np.ones(2, "float32"))]
+    optimizer.build(variables)
+    optimizer.apply([tf.fill([3], 2.0), tf.fill([2], 3.0)], variables)
+    for slot in slots:
+        found = kp.optimizer_slots(optimizer, kind, slot)
+        assert [tuple(v.shape) for v in found] == [(3,), (2,)]
+    velocity = kp.optimizer_slots(optimizer, kind, "velocity")
+    rho = optimizer.beta_2 if kind == "adam" else optimizer.rho
+    np.testing.assert_allclose(velocity[1].numpy(), (1 - rho) * 9.0, rtol=1e-6)
 
 
 def test_multi_worker_fit_workaround_targets():

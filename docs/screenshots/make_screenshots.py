@@ -3,7 +3,8 @@
 What it does:
 
 1. trains ``small_cnn`` on the offline ``digits`` data with ``ClassSubspaceNewton`` and the
-   two diagnostic callbacks measuring every epoch, plus ``keras.callbacks.TensorBoard``,
+   two diagnostic callbacks measuring every epoch (``HessianSpectrum`` with per-layer
+   blocks), plus ``keras.callbacks.TensorBoard``,
    all writing to one temporary ``log_dir`` (the same set-up as ``keras-curv demo``);
 2. starts ``tensorboard --logdir <log_dir>`` on the loopback interface only;
 3. photographs its dashboards with headless Chromium and writes downscaled PNGs to
@@ -36,7 +37,9 @@ IMAGES = ROOT / "docs" / "images"
 # (The Time Series dashboard draws its line charts with WebGL, which headless Chromium with
 # --disable-gpu leaves blank, so the legacy Scalars/Images/Histograms dashboards are shot.)
 SHOTS = [
+    ("tensorboard-custom-scalars.png", "#custom_scalars", 30000),
     ("tensorboard-scalars-hessian.png", "#scalars&tagFilter=hessian", 20000),
+    ("tensorboard-scalars-blocks.png", "#scalars&tagFilter=blocks%7Ccurvature_model", 20000),
     ("tensorboard-scalars-alignment.png", "#scalars&tagFilter=alignment", 20000),
     ("tensorboard-scalars-optimizer.png", "#scalars&tagFilter=optimizer%2Finverse", 20000),
     ("tensorboard-images.png", "#images", 20000),
@@ -76,7 +79,9 @@ def train(log_dir: Path, epochs: int, seed: int) -> None:
         validation_data=(data.x_test, data.y_test),
         callbacks=[
             keras.callbacks.TensorBoard(str(log_dir)),
-            HessianSpectrum(probe, every_n_epochs=1, density=True, log_dir=str(log_dir)),
+            HessianSpectrum(
+                probe, every_n_epochs=1, density=True, blocks="layer", log_dir=str(log_dir)
+            ),
             SubspaceAlignment(probe, every_n_epochs=1, log_dir=str(log_dir)),
         ],
         verbose=2,
@@ -195,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and name not in args.only:
                 continue
             out = IMAGES / name
-            screenshot(base + fragment, out, budget, (1400, 1000))
+            # The custom-scalars page stacks its charts: a taller window shows them all.
+            size = (1400, 2000) if "custom" in name else (1400, 1000)
+            screenshot(base + fragment, out, budget, size)
             shrink(out)
             print(f"{out.relative_to(ROOT)}: {out.stat().st_size:,} bytes")
     finally:

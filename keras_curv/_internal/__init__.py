@@ -8,5 +8,6 @@
 * :mod:`~keras_curv._internal.optimizer`: the optimizer a model trains with, unwrapped from
   a ``LossScaleOptimizer``;
 * :mod:`~keras_curv._internal.validation`: the argument validators;
+* :mod:`~keras_curv._internal.versions`: the Keras / TensorFlow floors, checked at import;
 * :mod:`~keras_curv._internal.keras_privates`: every Keras / TensorFlow private relied on.
 """

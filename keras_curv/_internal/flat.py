@@ -47,6 +47,20 @@ def unflatten(vector: tf.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[tf.T
     return [tf.reshape(p, tf.concat([shape, [k]], 0)) for p, shape in zip(pieces, shapes)]
 
 
+def densify(gradient: tf.Tensor | tf.IndexedSlices, variable: tf.Tensor) -> tf.Tensor:
+    """A gradient as a dense tensor of ``variable``'s shape, silently.
+
+    An ``Embedding`` table's gradient is a ``tf.IndexedSlices``. Summing its rows into
+    place with ``unsorted_segment_sum`` is what ``tf.convert_to_tensor`` does, without
+    the warning TensorFlow logs when it has to do so inside a vectorised Jacobian.
+    """
+    if not isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    rows = tf.shape(variable)[0]
+    dense = tf.math.unsorted_segment_sum(gradient.values, gradient.indices, rows)
+    return tf.reshape(dense, tf.shape(variable))
+
+
 def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
     """Replaces ``None`` gradients by zeros of the matching variable, and densifies.
 
@@ -54,6 +68,32 @@ def zeros_for_none(grads: Sequence, variables: Sequence) -> list[tf.Tensor]:
     differentiates gradients again, stacks and flattens them, which needs dense
     tensors (``tf.gradients`` of an ``IndexedSlices`` recurses without end).
     """
-    return [
-        tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)
-    ]
+    return [tf.zeros_like(v) if g is None else densify(g, v) for g, v in zip(grads, variables)]
+
+
+def variable_positions(variables: Sequence, block: Sequence | None) -> list[int]:
+    """Positions in ``variables`` of the ``block`` variables (all when ``None``), in order.
+
+    Raises:
+        ValueError: an empty block, or a block variable that is not among ``variables``.
+    """
+    if block is None:
+        return list(range(len(variables)))
+    wanted = {id(v) for v in block}
+    if not wanted:
+        raise ValueError("`variables` is empty: a block needs at least one trainable variable.")
+    positions = [i for i, v in enumerate(variables) if id(v) in wanted]
+    if len(positions) != len(wanted):
+        known = {id(v) for v in variables}
+        missing = [getattr(v, "path", getattr(v, "name", "?")) for v in block if id(v) not in known]
+        raise ValueError(
+            f"`variables` must be trainable variables of the model; not among them: {missing}."
+        )
+    return positions
+
+
+def variable_ranges(variables: Sequence, block: Sequence) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` flat index ranges of the ``block`` variables within ``variables``."""
+    sizes = [int(np.prod(shape)) for shape in variable_shapes(variables)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [(int(starts[i]), int(starts[i + 1])) for i in variable_positions(variables, block)]

@@ -99,12 +99,56 @@ def clipped_gradients(optimizer: keras.optimizers.Optimizer, gradients: list) ->
     return list(optimizer._clip_gradients(gradients))
 
 
+def stateless_seed(seed: Any) -> tf.Tensor:
+    """The ``int32`` seed pair ``keras.random`` hands to ``tf.random.stateless_*`` ops.
+
+    ``SeedGenerator.next()`` returns its ``int64`` state; Keras's TensorFlow backend
+    (``_cast_seed``) maps it into ``int32`` by ``floormod(seed, 2**31 - 2)``. Drawing
+    with this seed gives exactly the numbers of ``keras.random.*(..., seed=generator)``,
+    while letting the draw be gated on the steps that use it.
+    """
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype == tf.int32:
+        return seed
+    return tf.cast(tf.math.floormod(seed, tf.cast(tf.int32.max - 1, seed.dtype)), tf.int32)
+
+
 def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
     """The position of a trainable ``variable`` in the optimizer's list.
 
     Keras's own optimizers use this private in their ``update_step`` to find slots.
     """
     return optimizer._get_variable_index(variable)
+
+
+# Keras's optimizer slots, by optimizer class: ``{slot: attribute}``. Keras keeps them in
+# private lists, one entry per trainable variable (found with ``variable_index``).
+_SLOTS = {
+    "adam": {"velocity": "_velocities", "velocity_hat": "_velocity_hats"},
+    "rmsprop": {"velocity": "_velocities", "average_gradient": "_average_gradients"},
+}
+
+
+def optimizer_slots(optimizer: keras.optimizers.Optimizer, kind: str, slot: str) -> list | None:
+    """Keras's per-variable slot variables of an Adam(W) or RMSprop optimizer, or ``None``.
+
+    ``kind`` is ``"adam"`` or ``"rmsprop"``; ``slot`` one of ``velocity``,
+    ``velocity_hat`` (Adam with ``amsgrad``), ``average_gradient`` (RMSprop with
+    ``centered``). Read-only use: the preconditioned sharpness of the diagnostic callbacks
+    is computed from them.
+    """
+    value = getattr(optimizer, _SLOTS[kind][slot], None)
+    return list(value) if value else None
+
+
+def applied_steps(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The optimizer's raw step counter: one per applied ``apply`` call (a variable).
+
+    ``optimizer.iterations`` is this counter divided by ``gradient_accumulation_steps``
+    when accumulation is on; ``SkippedSteps`` needs one count per batch that updated.
+    A step skipped by a ``LossScaleOptimizer`` or a keras-curv optimizer leaves it as is.
+    """
+    return optimizer._iterations
 
 
 def calling_models(start_depth: int = 2) -> Iterator[keras.Model]:

@@ -16,6 +16,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 
 def _fail(name: str, rule: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be {rule}; received {name}={value!r}.")
@@ -120,3 +122,10 @@ def choice(value: Any, name: str, options: Iterable[str]) -> str:
 def seed(value: Any, name: str = "seed") -> int | None:
     """An integer seed or ``None``."""
     return integer(value, name, allow_none=True)
+
+
+def boolean(value: Any, name: str) -> bool:
+    """A ``bool`` (Python or NumPy); ``0``/``1`` and strings are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(name, "True or False", value)
+    return bool(value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -89,18 +88,17 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     **Schedule.** With ``every_n_epochs`` and/or ``every_n_batches`` set, measurements
     follow that fixed schedule (:class:`~keras_curv.callbacks._schedule.ProbeSchedule`),
-    whatever they cost. With neither set, the *overhead budget* decides: all curvature
-    callbacks of the model share one account per ``fit``
-    (:class:`~keras_curv.callbacks._schedule.OverheadLedger`) and, at every epoch end,
-    measure together iff their estimated cost keeps the seconds spent in them within
-    ``max_overhead`` of the training seconds (the rule and the estimates:
-    :mod:`~keras_curv.callbacks._schedule`).
-
-    At ``on_train_end``, if the last epoch was not measured and the budget allows, a
-    final measurement is made at the final weights (its values go to
-    :attr:`measurements` and TensorBoard, not to ``History``, which is already written).
-    If the budget allowed no measurement at all, a warning says so once, at the end of
-    training, and how to force them (``every_n_epochs=1``).
+    whatever they cost. With neither set (the default), the callback always measures at
+    the end of the fit's first epoch and at the end of training, and in between the
+    *overhead budget* decides: all curvature callbacks of the model share one account per
+    ``fit`` (:class:`~keras_curv.callbacks._schedule.OverheadLedger`) and, at every other
+    epoch end, measure together iff their estimated cost keeps the seconds spent in them
+    within ``max_overhead`` of the training seconds (the rule and the estimates:
+    :mod:`~keras_curv.callbacks._schedule`). The end of training is the last epoch's end
+    or, when training stopped early (``EarlyStopping``), ``on_train_end``: that final
+    measurement goes to :attr:`measurements` and TensorBoard, not to ``History``, which
+    is already written. At ``on_train_begin`` (with ``verbose`` on) one line says what
+    the schedule will be.
 
     Attributes:
         trace_prior_epochs: Prior for the one-off tracing cost, in first-epoch durations.
@@ -176,13 +174,15 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     # Helpers -----------------------------------------------------------------------------
 
-    def probe_rng(self, step: int) -> np.random.Generator:
+    def probe_rng(self, step: int, stream: int | None = None) -> np.random.Generator:
         """The random stream of the measurement at ``step``, a function of ``(seed, step)``.
 
         Stateless across measurements, so that a resumed fit draws the same probes at the
-        same step as an uninterrupted one.
+        same step as an uninterrupted one. ``stream`` gives an independent stream for a
+        part of the measurement, so that parts do not shift each other's draws.
         """
-        return np.random.default_rng([self.seed, int(step)])
+        key = [self.seed, int(step)] + ([] if stream is None else [int(stream)])
+        return np.random.default_rng(key)
 
     def _probe_outputs(self) -> Any:
         """The model's outputs on the first probe batch.
@@ -192,8 +192,13 @@ class CurvatureCallback(keras.callbacks.Callback):
                 than as a layer's shape error in the middle of training).
         """
         first = self.probe.batches[0]
-        values = [v.value for v in self.model.trainable_variables]
         try:
+            if not self.model.built:
+                # A subclassed model whose layers Keras built symbolically is not marked
+                # built, and stateless_call refuses it; one call marks it (its variables
+                # exist already, so nothing is created and no random number is drawn).
+                self.model(first.x)
+            values = [v.value for v in self.model.trainable_variables]
             return stateless_outputs(self.model, values, first.x, False)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             raise ValueError(
@@ -291,24 +296,49 @@ class CurvatureCallback(keras.callbacks.Callback):
         self._record(step, values)
         return values
 
-    def _group_allows(self, when: Any) -> bool:
+    def _group_allows(self, when: Any, forced: bool = False) -> bool:
         """The joint decision of this fit's budget-scheduled callbacks at ``when``."""
         return self._ledger.decide(
-            when, self.clock, self._first_epoch_seconds, lambda: weights_state(self.model)
+            when,
+            self.clock,
+            self._first_epoch_seconds,
+            lambda: weights_state(self.model),
+            forced=forced,
         )
 
     # Keras hooks -------------------------------------------------------------------------
 
+    def _schedule_line(self) -> str:
+        """What the schedule will be, in one line (printed at ``on_train_begin``)."""
+        name = type(self).__name__
+        if not self.budgeted:
+            parts = []
+            if self.schedule.every_n_epochs is not None:
+                parts.append(f"every {self.schedule.every_n_epochs} epoch(s)")
+            if self.schedule.every_n_batches is not None:
+                parts.append(f"every {self.schedule.every_n_batches} batch(es)")
+            return f"{name}: measures {' and '.join(parts)} (fixed schedule)."
+        epochs = (getattr(self, "params", None) or {}).get("epochs")
+        last = f" (epoch {epochs})" if epochs else ""
+        return (
+            f"{name}: measures after the first epoch and at the end of training{last}; in "
+            f"between while its cost stays within max_overhead={self.max_overhead:g} of the "
+            "training time (every_n_epochs=1 measures every epoch)."
+        )
+
     def on_train_begin(self, logs=None):
+        if (getattr(self, "params", None) or {}).get("verbose", 0):
+            print(self._schedule_line())
         self._ledger = model_entry(self.model, self.clock).ledger
         self._ledger.begin(getattr(self, "params", None), self.clock)
-        if self.budgeted and self.max_overhead is not None:
+        if self.budgeted:
             self._ledger.members.append(self)
         start = self.clock()
         self.schedule.reset()
         self.measurements = {}
         self._last_epoch_measured = None
         self._last_epoch = None
+        self._first_epoch = None
         self._first_epoch_seconds = None
         # Rebuild only when the model or its set of trainable variables changed.
         key = (id(self.model), tuple(id(v) for v in self.model.trainable_variables))
@@ -335,8 +365,12 @@ class CurvatureCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self._first_epoch_seconds is None:
             self._first_epoch_seconds = self._ledger.training_seconds()
+        if self._first_epoch is None:
+            self._first_epoch = int(epoch)
         if self.budgeted:
-            due = self.max_overhead is not None and self._group_allows(int(epoch))
+            epochs = (getattr(self, "params", None) or {}).get("epochs")
+            forced = int(epoch) == self._first_epoch or (epochs and int(epoch) == epochs - 1)
+            due = self._group_allows(int(epoch), forced=bool(forced))
         else:
             due = self.schedule.epoch_due(epoch)
         if due:
@@ -350,22 +384,11 @@ class CurvatureCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         try:
-            if self.budgeted and self.max_overhead is not None:
-                last = self._last_epoch
-                if (
-                    last is not None
-                    and self._last_epoch_measured != last
-                    and self._group_allows("train_end")
-                ):
+            last = self._last_epoch
+            if self.budgeted and last is not None and self._last_epoch_measured != last:
+                # Training stopped before its last epoch (EarlyStopping): measure the end.
+                if self._group_allows("train_end", forced=True):
                     self._timed_measure(self.schedule.step(last))
-                if not self.measurements:
-                    warnings.warn(
-                        f"{type(self).__name__} made no measurement: its cost did not fit in "
-                        f"max_overhead={self.max_overhead:g} of this run's training time. "
-                        "Train longer, use a smaller probe set, raise `max_overhead`, or "
-                        "force a fixed schedule with `every_n_epochs=1`.",
-                        stacklevel=2,
-                    )
         finally:
             if self.writer is not None:
                 self.writer.close()

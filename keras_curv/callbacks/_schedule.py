@@ -14,9 +14,12 @@ share one account per ``fit`` of
 * :math:`T = W - D`, the training seconds, with :math:`W` the wall time since
   ``on_train_begin``.
 
-At every epoch end the budget-scheduled callbacks of the fit decide *together* (the first
-to reach its ``on_epoch_end`` decides for all): with :math:`c` their summed estimated cost
-they all measure iff :math:`D + c \le \text{max\_overhead} \cdot T` (the smallest
+They always measure at the end of the fit's first epoch and at the end of training (the
+last epoch, or ``on_train_end`` when training stopped early), whatever it costs, so that
+even a short run shows its curvature at the start and at the end. At every other epoch
+end the budget-scheduled callbacks of the fit decide *together* (the first to reach its
+``on_epoch_end`` decides for all): with :math:`c` their summed estimated cost they all
+measure iff :math:`D + c \le \text{max\_overhead} \cdot T` (the smallest
 ``max_overhead`` among them). Measuring at the same epochs lets ``SubspaceAlignment``
 reuse ``HessianSpectrum``'s eigenpairs, and no callback starves another. A callback's
 estimate is
@@ -182,6 +185,7 @@ class OverheadLedger:
         clock: Callable[[], float],
         first_epoch_seconds: float | None,
         weights_state: Callable[[], tuple],
+        forced: bool = False,
     ) -> bool:
         """The joint decision of the :attr:`members` at ``when`` (an epoch, or ``"train_end"``).
 
@@ -201,6 +205,8 @@ class OverheadLedger:
             first_epoch_seconds: Training seconds of the first epoch (``None``: unknown).
             weights_state: Returns the identity of the current weights
                 (``_shared.weights_state``); called only once calibrated.
+            forced: Measure whatever it costs (the first epoch and the end of training);
+                the members calibrate first if they have not.
         """
         if when in self.decisions:
             return self.decisions[when]
@@ -209,21 +215,23 @@ class OverheadLedger:
         decision = False
         uncalibrated = [m for m in members if not m._calibrated]
         prior = sum(m.trace_prior_epochs for m in uncalibrated) * (first_epoch_seconds or 0.0)
-        if not uncalibrated or self.allows(prior, budget):
+        if forced or not uncalibrated or self.allows(prior, budget):
             for member in uncalibrated:
                 start = clock()
                 member._calibrate()
                 self.charge(clock() - start)
                 member._calibrated = True
-            total, eig_by_probe = 0.0, {}
-            state = weights_state()
-            for member in members:
-                own, eig = member._estimate()
-                total += own
-                cached = member.shared.cached(state, member.k, member.method, member.tol)
-                if cached is None:
-                    key = id(member.shared)
-                    eig_by_probe[key] = max(eig_by_probe.get(key, 0.0), eig)
-            decision = self.allows(total + sum(eig_by_probe.values()), budget)
+            decision = forced or self._estimate_fits(members, weights_state(), budget)
         self.decisions[when] = decision
         return decision
+
+    def _estimate_fits(self, members: list, state: tuple, budget: float) -> bool:
+        total, eig_by_probe = 0.0, {}
+        for member in members:
+            own, eig = member._estimate()
+            total += own
+            cached = member.shared.cached(state, member.k, member.method, member.tol)
+            if cached is None:
+                key = id(member.shared)
+                eig_by_probe[key] = max(eig_by_probe.get(key, 0.0), eig)
+        return self.allows(total + sum(eig_by_probe.values()), budget)

@@ -16,7 +16,7 @@ from keras_curv._internal.validation import number
 from keras_curv.callbacks._base import CurvatureCallback, eigensolver_args
 from keras_curv.callbacks._protocol import optimizer_directions
 from keras_curv.curvature.alignment import (
-    DEFAULT_RANK_RTOL,
+    DEFAULT_RANK_COS_TOL,
     best_assignment,
     combined_rank,
     cosine_matrix,
@@ -29,7 +29,7 @@ from keras_curv.curvature.operators import HessianOperator
 from keras_curv.plotting import render_heatmap
 
 
-def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, rtol: float) -> dict:
+def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, cos_tol: float) -> dict:
     """The Appendix C measures of ``directions`` (rows) against ``eigenvectors`` (rows)."""
     cosines = cosine_matrix(directions, eigenvectors)
     return {
@@ -37,7 +37,7 @@ def alignment_measures(directions: np.ndarray, eigenvectors: np.ndarray, rtol: f
         "angles": principal_angles(directions, eigenvectors),
         "alignment": best_assignment(cosines).mean_cosine,
         "subspace_overlap": subspace_overlap(directions, eigenvectors),
-        "combined_rank": float(combined_rank(directions, eigenvectors, rtol)),
+        "combined_rank": float(combined_rank(directions, eigenvectors, cos_tol)),
     }
 
 
@@ -57,7 +57,8 @@ class SubspaceAlignment(CurvatureCallback):
       :math:`\lVert Q_V^\top Q_E\rVert_F^2 / C` (mean squared cosine of the angles):
       ``logs["subspace_overlap"]``;
     * the numerical rank of :math:`[v_1..v_C, e_1..e_C]` (eq. 18): ``C`` when the spans
-      coincide, ``2C`` when they are disjoint, with relative tolerance ``rank_rtol`` (see
+      coincide, ``2C`` when they meet only at zero; a principal angle whose cosine is at
+      least ``rank_cos_tol`` counts as shared (see
       :func:`~keras_curv.curvature.combined_rank`): ``logs["combined_rank"]``;
     * the fraction of :math:`\lVert g \rVert^2` in the top eigenspace,
       :math:`\lVert E^\top g\rVert^2 / \lVert g\rVert^2`: ``logs["gradient_fraction"]``.
@@ -96,7 +97,8 @@ class SubspaceAlignment(CurvatureCallback):
         method: Eigensolver for the eigenvectors.
         tol: Relative tolerance of the eigensolver.
         loss: Loss for the Hessian and gradient (default: the compiled loss).
-        rank_rtol: Relative singular-value tolerance of the combined rank.
+        rank_cos_tol: Principal-angle cosine from which two directions count as one in the
+            combined rank (default 0.9, angles below 25.8 degrees).
         batch_size: Rows per probe batch for array data.
         training: Evaluate BatchNorm/Dropout in training mode (statelessly).
         seed: Seed of the eigensolver's random start.
@@ -121,7 +123,7 @@ class SubspaceAlignment(CurvatureCallback):
         method: str = "lanczos",
         tol: float = 1e-3,
         loss: Any = None,
-        rank_rtol: float = DEFAULT_RANK_RTOL,
+        rank_cos_tol: float = DEFAULT_RANK_COS_TOL,
         batch_size: int | None = None,
         training: bool = False,
         seed: int = 0,
@@ -141,8 +143,8 @@ class SubspaceAlignment(CurvatureCallback):
             clock=clock,
         )
         self.top_k, self.method, self.tol = eigensolver_args(top_k, method, tol)
-        self.rank_rtol = number(
-            rank_rtol, "rank_rtol", low=0.0, high=1.0, low_open=True, high_open=True
+        self.rank_cos_tol = number(
+            rank_cos_tol, "rank_cos_tol", low=0.0, high=1.0, low_open=True, high_open=True
         )
         self.operator: HessianOperator | None = None
         self.eigenvectors: np.ndarray | None = None
@@ -181,6 +183,20 @@ class SubspaceAlignment(CurvatureCallback):
         self._warned_degenerate: set[str] = set()
         self.num_classes = num_classes
         self._class_gradients = class_gradients_for(self.model, self.training)
+        if self.writer is not None:
+            c = num_classes
+            self.writer.add_charts(
+                "keras-curv: alignment",
+                {
+                    f"combined rank of [V, E] ({c}: one span, {2 * c}: disjoint)": [
+                        "^alignment/(optimizer_)?combined_rank$"
+                    ],
+                    "assignment cosine, subspace overlap, gradient fraction": [
+                        "^alignment/(optimizer_)?"
+                        "(assignment_cosine|subspace_overlap|gradient_fraction)$"
+                    ],
+                },
+            )
 
     def _expected_products(self) -> tuple[int, int]:
         # Cold Lanczos about 3k products; the class-gradient Jacobian has C rows (C
@@ -233,7 +249,7 @@ class SubspaceAlignment(CurvatureCallback):
                 for name in ("alignment", "subspace_overlap", "combined_rank", "gradient_fraction"):
                     values[prefix + name] = float("nan")
                 continue
-            measures = alignment_measures(rows, eig_rows, self.rank_rtol)
+            measures = alignment_measures(rows, eig_rows, self.rank_cos_tol)
             # Class gradients: the share of ||g||^2 in the top eigenspace, ||E^T g||^2/||g||^2;
             # optimizer directions: the share in the subspace the optimizer preconditions.
             subspace = rows if prefix else eig_rows

@@ -1,5 +1,11 @@
 """The curvature engine: operators, eigensolvers, estimators and class gradients."""
 
+from keras_curv.curvature.algebra import (
+    ProductOperator,
+    RestrictedOperator,
+    ScaledOperator,
+    SumOperator,
+)
 from keras_curv.curvature.alignment import (
     Assignment,
     best_assignment,
@@ -25,18 +31,35 @@ from keras_curv.curvature.operators import (
     LinearOperator,
 )
 from keras_curv.curvature.spectral_density import SpectralDensity, spectral_density
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import (
+    BlockDiagonalOperator,
+    DiagonalOperator,
+    IdentityOperator,
+    KroneckerOperator,
+    LowRankPlusDiagonal,
+)
 
 __all__ = [
     "Assignment",
+    "BlockDiagonalOperator",
     "ClassGradients",
     "DenseOperator",
+    "DiagonalOperator",
     "DiagonalEstimate",
     "EigenResult",
     "GGNOperator",
     "HessianOperator",
+    "IdentityOperator",
+    "KroneckerOperator",
     "LanczosDecomposition",
     "LinearOperator",
+    "LowRankPlusDiagonal",
+    "ProductOperator",
+    "RestrictedOperator",
+    "ScaledOperator",
     "SpectralDensity",
+    "SumOperator",
     "TraceEstimate",
     "best_assignment",
     "class_gradients",
@@ -48,6 +71,7 @@ __all__ = [
     "lanczos",
     "principal_angles",
     "spectral_density",
+    "stability_threshold",
     "subspace_overlap",
     "top_eigenpairs",
 ]

@@ -22,7 +22,7 @@ import scipy.optimize
 
 from keras_curv._internal.validation import number
 
-DEFAULT_RANK_RTOL = 1e-2
+DEFAULT_RANK_COS_TOL = 0.9
 
 
 def _rows(directions: Any, name: str) -> np.ndarray:
@@ -199,45 +199,51 @@ def subspace_overlap(a: Any, b: Any) -> float:
     return float(np.mean(np.cos(angles) ** 2))
 
 
-def combined_rank(a: Any, b: Any, rtol: float = DEFAULT_RANK_RTOL) -> int:
-    r"""Numerical rank of the stacked unit directions ``[a_1, ..., a_k, b_1, ..., b_k]`` (eq. 18).
+def combined_rank(a: Any, b: Any, cos_tol: float = DEFAULT_RANK_COS_TOL) -> int:
+    r"""Numerical rank of the combined directions ``[a_1, ..., a_k, b_1, ..., b_k]`` (eq. 18).
 
-    Rows are normalised to unit length (zero rows dropped), stacked into ``S`` and the rank
-    counted as
+    Two directions count as one when the angle between them is small: with :math:`r_a,
+    r_b` the numerical ranks of each set (as ``scipy.linalg.orth`` counts them) and
+    :math:`\phi_i` the principal angles between the two spans (:func:`principal_angles`),
 
     .. math::
-        \operatorname{rank}(S) = \#\{ i : \sigma_i(S) > \text{rtol} \cdot \sigma_1(S) \}.
+        \operatorname{rank} = r_a + r_b - \#\{ i : \cos \phi_i \ge 	ext{cos\_tol} \}.
 
-    For two sets of ``C`` independent directions it is ``C`` when they span the same
-    subspace and ``2C`` when the spans meet only at zero. Two unit vectors at angle
-    :math:`\phi` give singular values :math:`\sqrt{1 \pm \cos\phi}`, so with ``C = 1`` they
-    count as one direction when :math:`\sqrt{1 - \cos\phi} \le \text{rtol}\sqrt{1+\cos\phi}`,
-    i.e. :math:`\phi \lesssim \sqrt{2}\,\text{rtol}` radians (about 0.8 degrees for the
-    default ``1e-2``). The default is loose on purpose: iterative eigenvectors computed to a
-    tolerance of ``1e-3`` are themselves only accurate to about that level, and a tight
-    ``rtol`` would report ``2C`` for subspaces that coincide up to solver error (the
-    "precision error" Appendix C warns about).
+    It is the rank of :math:`[Q_a, Q_b]` (orthonormal bases of each span) counted with
+    the singular-value threshold :math:`\sqrt{1 - 	ext{cos\_tol}}`: the singular values
+    of :math:`[Q_a, Q_b]` are :math:`\sqrt{1 \pm \cos\phi_i}` (and ones). For two sets of
+    ``C`` independent directions it falls from ``2C`` (spans that meet only at zero)
+    towards ``C`` (equal spans) as the spans come together, as Appendix C reads it. The
+    default ``cos_tol = 0.9`` merges directions less than
+    :math:`rccos 0.9 pprox 25.8^\circ` apart. A tolerance is necessary: the exact
+    rank of ``2C`` vectors that are not exactly dependent is always ``2C``, and
+    iterative eigenvectors are themselves only accurate to the solver's tolerance.
 
     Args:
         a: ``(k_a, dim)`` directions as rows.
         b: ``(k_b, dim)`` directions as rows.
-        rtol: Relative singular-value threshold, in ``(0, 1)``.
+        cos_tol: Cosine above which a principal angle counts as shared, in ``(0, 1)``.
 
     Returns:
-        The rank, an int in ``[1, k_a + k_b]``.
+        The rank, an int in ``[max(r_a, r_b), r_a + r_b]``.
 
     Raises:
-        ValueError: bad shapes, all-zero inputs, or ``rtol`` outside ``(0, 1)``.
+        ValueError: bad shapes, all-zero inputs, or ``cos_tol`` outside ``(0, 1)``.
 
     Example:
         >>> combined_rank(np.eye(3)[:2], np.eye(3)[1:])
         3
+        >>> tilted = [[1.0, 0.2, 0.0]]                   # 11.3 degrees from e_1
+        >>> combined_rank([[1.0, 0.0, 0.0]], tilted), combined_rank([[1.0, 0, 0]], tilted, 0.99)
+        (1, 2)
     """
-    rtol = number(rtol, "rtol", low=0.0, high=1.0, low_open=True, high_open=True)
+    cos_tol = number(cos_tol, "cos_tol", low=0.0, high=1.0, low_open=True, high_open=True)
     a, b = _pair(a, b)
-    stacked = _unit_rows(np.concatenate([_nonzero_rows(a, "a"), _nonzero_rows(b, "b")]))
-    singular = np.linalg.svd(stacked, compute_uv=False)
-    return int(np.sum(singular > rtol * singular[0]))
+    a, b = _nonzero_rows(a, "a"), _nonzero_rows(b, "b")
+    # The ranks scipy.linalg.orth sees, as principal_angles does (subspace_angles uses it).
+    ranks = [scipy.linalg.orth(m.T).shape[1] for m in (a, b)]
+    cosines = np.cos(principal_angles(a, b))
+    return int(sum(ranks) - np.sum(cosines >= cos_tol))
 
 
 def gradient_fraction(gradient: Any, directions: Any) -> float:

@@ -120,16 +120,20 @@ class ClassGradients:
         def batch_sums(inputs, onehot):
             num_classes = onehot.shape[-1]
             params = [v.value for v in variables]
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=True) as tape:
                 tape.watch(params)
                 outputs = stateless_outputs(model_ref(), params, inputs, training)
                 scores = tf.cast(class_scores(model_ref(), outputs), dtype)
                 per_class = tf.reduce_sum(onehot * scores, axis=0)
-            jacobian = tape.jacobian(per_class, params, experimental_use_pfor=True)
-            jacobian = _flat.zeros_for_none(
-                jacobian, [tf.zeros((num_classes, *p.shape), dtype) for p in params]
-            )
-            flat = tf.concat([tf.reshape(j, [num_classes, -1]) for j in jacobian], axis=1)
+
+            def row(selector):
+                # One row of the Jacobian, densified inside the vectorised loop: an
+                # Embedding's IndexedSlices would otherwise be densified by pfor, which
+                # logs a warning at every trace.
+                grads = tape.gradient(per_class, params, output_gradients=selector)
+                return _flat.flatten(_flat.zeros_for_none(grads, params))
+
+            flat = tf.vectorized_map(row, tf.eye(num_classes, dtype=per_class.dtype))
             return flat, tf.reduce_sum(onehot, axis=0)
 
         self._batch_sums = batch_sums

@@ -41,12 +41,16 @@ class TraceEstimate:
             It covers sampling error only, not rounding in the operator's dtype.
         num_matvecs: Matrix-vector products spent (equal to ``num_samples``).
         method: ``"hutchinson"`` or ``"hutch++"``.
+        parts: With ``ranges``: the estimate's share in each block of flat indices, an
+            estimate of the trace of that principal block (over blocks that tile the
+            space they add up to :attr:`estimate`); else ``None``.
     """
 
     estimate: float
     std_error: float
     num_matvecs: int
     method: str
+    parts: tuple[float, ...] | None = None
 
     def __float__(self) -> float:
         return float(self.estimate)
@@ -87,6 +91,7 @@ def hutchinson_trace(
     method: str = "hutch++",
     *,
     block_size: int = _DEFAULT_BLOCK_SIZE,
+    ranges: Any = None,
 ) -> TraceEstimate:
     r"""Estimates the trace of a symmetric operator from ``num_samples`` matvecs.
 
@@ -117,6 +122,13 @@ def hutchinson_trace(
     since only a third of the probes go to the stochastic part; pick
     ``"hutchinson"`` for such operators or for budgets below 3.
 
+    Both estimates are sums over flat indices :math:`i` of per-index terms,
+    :math:`z_i (Az)_i` and :math:`(Q (AQ)^\top)_{ii} + p_i (A p)_i` with
+    :math:`p = (I - QQ^\top) z`, whose expectations are :math:`A_{ii}`. Summed over a
+    block of indices (``ranges``) they estimate the trace of that principal block, for
+    no extra product (the per-layer traces of ``HessianSpectrum(blocks=...)``); where
+    the sketch spans the whole space they are exact.
+
     Args:
         op: A :class:`~keras_curv.curvature.LinearOperator` (anything with ``dim``,
             ``dtype`` and ``matmat``). Assumed symmetric.
@@ -127,6 +139,8 @@ def hutchinson_trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         block_size: Probes sent to ``op.matmat`` per call; bounds the memory of a
             ``(dim, block_size)`` block without changing the result.
+        ranges: Optional blocks of flat indices, each a list of ``(start, stop)``
+            pairs; their traces come back in :attr:`TraceEstimate.parts`.
 
     Returns:
         A :class:`TraceEstimate` with ``estimate``, ``std_error``, ``num_matvecs``.
@@ -154,10 +168,12 @@ def hutchinson_trace(
     dim, dtype = _check_operator(op)
     rng = np.random.default_rng(seed)
 
+    blocks = _block_ranges(ranges, dim)
+
     if method == "hutchinson":
-        forms = _quadratic_forms(op, dim, dtype, num_samples, rng, block_size, basis=None)
+        forms, terms = _quadratic_forms(op, dim, dtype, num_samples, rng, block_size, basis=None)
         estimate, std_error = _mean_and_error(forms)
-        return TraceEstimate(estimate, std_error, num_samples, method)
+        return TraceEstimate(estimate, std_error, num_samples, method, _parts(terms, blocks))
 
     sketch_size = min(num_samples // 3, dim)
     sketch = _rademacher(rng, (dim, sketch_size))
@@ -166,12 +182,37 @@ def hutchinson_trace(
     # tr(QᵀAQ) + tr((I-QQᵀ)A(I-QQᵀ)) = tr(A) holds for any orthonormal Q.
     basis, _ = tf.linalg.qr(a_sketch)
     a_basis = _as_float64(op.matmat(tf.cast(basis, dtype)))
-    exact_part = float(tf.reduce_sum(basis * a_basis).numpy())
-    forms = _quadratic_forms(
+    exact_terms = tf.reduce_sum(basis * a_basis, axis=1).numpy()  # diag(Q (AQ)ᵀ)
+    forms, terms = _quadratic_forms(
         op, dim, dtype, num_samples - 2 * sketch_size, rng, block_size, basis=basis
     )
     remainder, std_error = _mean_and_error(forms)
-    return TraceEstimate(exact_part + remainder, std_error, num_samples, method)
+    parts = _parts(exact_terms + terms, blocks)
+    return TraceEstimate(
+        float(np.sum(exact_terms)) + remainder, std_error, num_samples, method, parts
+    )
+
+
+def _block_ranges(ranges: Any, dim: int) -> list[list[tuple[int, int]]] | None:
+    """``ranges`` as one list of ``(start, stop)`` pairs per block (validated)."""
+    if ranges is None:
+        return None
+    blocks = []
+    for block in ranges:
+        pairs = [(int(a), int(b)) for a, b in block]
+        if not pairs or any(not 0 <= a < b <= dim for a, b in pairs):
+            raise ValueError(
+                f"`ranges` must be blocks of non-empty (start, stop) ranges within [0, {dim}); "
+                f"got {block!r}."
+            )
+        blocks.append(pairs)
+    return blocks
+
+
+def _parts(terms: np.ndarray, blocks: list | None) -> tuple[float, ...] | None:
+    if blocks is None:
+        return None
+    return tuple(float(sum(np.sum(terms[a:b]) for a, b in block)) for block in blocks)
 
 
 def hutchinson_diagonal(
@@ -256,15 +297,17 @@ def _rademacher(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _quadratic_forms(op, dim, dtype, count, rng, block_size, basis):
-    """Per-probe ``zᵀ P A P z`` in float64, with ``P = I - QQᵀ`` (or ``I`` if no basis)."""
-    forms = []
+    """Per-probe ``zᵀ P A P z`` in float64, with ``P = I - QQᵀ`` (or ``I`` if no basis),
+    and the per-index terms ``(Pz)_i (APz)_i`` averaged over the probes, ``(dim,)``."""
+    forms, terms = [], np.zeros(dim)
     for size in _block_sizes(count, block_size):
         probes = tf.constant(_rademacher(rng, (dim, size)), tf.float64)
         if basis is not None:
             probes -= tf.matmul(basis, tf.matmul(basis, probes, transpose_a=True))
         products = _as_float64(op.matmat(tf.cast(probes, dtype)))
         forms.append(tf.reduce_sum(probes * products, axis=0))
-    return tf.concat(forms, axis=0).numpy()
+        terms += tf.reduce_sum(probes * products, axis=1).numpy()
+    return tf.concat(forms, axis=0).numpy(), terms / max(count, 1)
 
 
 def _mean_and_error(samples: np.ndarray) -> tuple[float, float]:

@@ -6,6 +6,7 @@ flattened row-major and concatenated in order (see :mod:`keras_curv._internal.fl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -19,16 +20,26 @@ from keras_curv._internal.model import stateless_outputs
 
 
 class LinearOperator:
-    """A symmetric ``dim x dim`` matrix known through matrix-vector products.
+    """A square ``dim x dim`` matrix known through matrix-vector products.
 
     Subclasses implement :meth:`_matvec` (and may override :meth:`_matmat` with a
     batched version). The public methods validate shapes, cast to the operator's
     dtype and count products, so that every solver reports its cost in matvecs.
 
+    Operators combine like matrices: ``A @ B``, ``A + B``, ``A - B``, ``2.0 * A`` give
+    operators (:mod:`keras_curv.curvature.algebra`), ``A @ v`` a product,
+    :meth:`to_scipy` a ``scipy.sparse.linalg.LinearOperator``, :meth:`restrict` a
+    principal block and, for structured operators, :meth:`power` ``A^p``.
+
     Attributes:
         dim: Size of the (square) operator.
         dtype: The floating dtype products are computed in.
+        symmetric: Whether the matrix is symmetric (every operator but a product of
+            factors that do not read the same backwards, like ``A @ B``). The
+            eigensolvers need a symmetric operator.
     """
+
+    symmetric = True
 
     def __init__(self, dim: int, dtype: tf.DType):
         if dim <= 0:
@@ -69,6 +80,84 @@ class LinearOperator:
     def to_dense(self) -> np.ndarray:
         """The full matrix, column by column (``dim`` matvecs; for small operators)."""
         return self.matmat(tf.eye(self.dim, dtype=self.dtype)).numpy()
+
+    # The algebra (curvlinops style): ``A @ B``, ``A + B``, ``A - B``, ``c * A``, ``A @ v``.
+    # The composite operators live in :mod:`keras_curv.curvature.algebra`.
+
+    def __matmul__(self, other: Any) -> Any:
+        """``A @ B`` (an operator) for an operator ``B``; ``A v`` / ``A V`` for a vector / block."""
+        from keras_curv.curvature import algebra
+
+        if isinstance(other, LinearOperator):
+            return algebra.ProductOperator(self, other)
+        other = tf.convert_to_tensor(other)
+        return self.matvec(other) if other.shape.rank == 1 else self.matmat(other)
+
+    def __add__(self, other: Any) -> LinearOperator:
+        from keras_curv.curvature import algebra
+
+        return algebra.SumOperator(self, algebra.as_operator(other, "+"))
+
+    def __sub__(self, other: Any) -> LinearOperator:
+        from keras_curv.curvature import algebra
+
+        negated = algebra.ScaledOperator(algebra.as_operator(other, "-"), -1.0)
+        return algebra.SumOperator(self, negated)
+
+    def __mul__(self, scale: Any) -> LinearOperator:
+        from keras_curv.curvature import algebra
+
+        return algebra.ScaledOperator(self, scale)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> LinearOperator:
+        return self * -1.0
+
+    def power(self, p: float) -> LinearOperator:
+        """``A^p`` for a symmetric positive (semi-)definite ``A``, where it has a closed form.
+
+        Structured operators (:class:`~keras_curv.curvature.DiagonalOperator`,
+        :class:`~keras_curv.curvature.KroneckerOperator`,
+        :class:`~keras_curv.curvature.LowRankPlusDiagonal`,
+        :class:`~keras_curv.curvature.BlockDiagonalOperator`) implement it; a general
+        operator (a Hessian) does not.
+
+        Raises:
+            NotImplementedError: this operator has no closed-form power.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form power; only diagonal, Kronecker, "
+            "low-rank-plus-identity and block-diagonal operators do."
+        )
+
+    def restrict(self, ranges: Any) -> LinearOperator:
+        """The principal sub-operator ``E^T A E`` on the flat index ranges ``[(start, stop)...]``.
+
+        ``E`` selects the indices of the ranges (in the order given); products zero-pad
+        the vector to ``dim`` and slice the result, so no sub-matrix is formed. For the
+        Hessian of a subset of variables, ``HessianOperator(..., variables=...)`` is
+        cheaper (it differentiates only those).
+        """
+        from keras_curv.curvature import algebra
+
+        return algebra.RestrictedOperator(self, ranges)
+
+    def to_scipy(self):
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (float64, NumPy in/out)."""
+        import scipy.sparse.linalg
+
+        def matvec(v):
+            return tf.cast(self.matvec(np.asarray(v).reshape(-1)), tf.float64).numpy()
+
+        def matmat(block):
+            return tf.cast(self.matmat(np.asarray(block)), tf.float64).numpy()
+
+        # The adjoint of a symmetric operator is itself; a product like ``A @ B`` has none here.
+        adjoint = {"rmatvec": matvec, "rmatmat": matmat} if self.symmetric else {}
+        return scipy.sparse.linalg.LinearOperator(
+            (self.dim, self.dim), matvec=matvec, matmat=matmat, dtype=np.float64, **adjoint
+        )
 
     def _matvec(self, v: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
@@ -174,6 +263,7 @@ class _ModelOperator(LinearOperator):
         sample_weight: Any = None,
         training: bool = False,
         batch_size: int | None = None,
+        variables: Sequence | None = None,
     ):
         self.data = probe_data(x, y, sample_weight, batch_size)
         first = self.data.batches[0]
@@ -181,11 +271,13 @@ class _ModelOperator(LinearOperator):
             model(first.x)
         self.model = model
         self.training = bool(training)
-        self.variables = list(model.trainable_variables)
-        if not self.variables:
+        self._all_variables = list(model.trainable_variables)
+        if not self._all_variables:
             raise ValueError(
                 "The model has no trainable variables: there is no curvature to measure."
             )
+        self._positions = _flat.variable_positions(self._all_variables, variables)
+        self.variables = [self._all_variables[i] for i in self._positions]
         dtypes = {v.dtype for v in self.variables}
         if len(dtypes) != 1:
             raise ValueError(f"All trainable variables must share one dtype; got {sorted(dtypes)}.")
@@ -209,7 +301,15 @@ class _ModelOperator(LinearOperator):
         return [v.value for v in self.variables]
 
     def _forward(self, trainable_values, batch: ProbeBatch):
-        """Model outputs as a pure function of the trainable values (no state updates)."""
+        """Model outputs as a pure function of the (block's) trainable values (no state updates).
+
+        Variables outside the block enter at their current values, as constants.
+        """
+        if len(self._positions) != len(self._all_variables):
+            values = [v.value for v in self._all_variables]
+            for position, value in zip(self._positions, trainable_values):
+                values[position] = value
+            trainable_values = values
         return stateless_outputs(self.model, trainable_values, batch.x, self.training)
 
     def _batch_loss(self, trainable_values, batch: ProbeBatch, outputs):
@@ -277,10 +377,16 @@ class HessianOperator(_ModelOperator):
         training: Evaluate BatchNorm/Dropout in training mode. The forward pass is
             stateless either way: no moving statistics or random streams are touched.
         batch_size: Rows per probe batch for array data.
+        variables: A subset of ``model.trainable_variables`` (a *block*, e.g. one layer's
+            ``layer.trainable_variables``): the operator is then the block's
+            :math:`H_{BB} = \nabla^2_{\theta_B}`, over the flat layout of those variables
+            (in the model's order), with the other weights held at their current values.
+            ``None``: all of them.
 
     Example:
         >>> op = HessianOperator(model, "sparse_categorical_crossentropy", x, y)
         >>> hv = op.matvec(tf.ones(op.dim))
+        >>> first = HessianOperator(model, loss, x, y, variables=model.layers[0].weights)
     """
 
     def _batch_product(self, tangents, x, y, w, n):

@@ -10,6 +10,8 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.shampoo import Shampoo
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -18,6 +20,8 @@ __all__ = [
     "CurvatureOptimizer",
     "LayerCall",
     "LayerTap",
+    "Shampoo",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",

@@ -20,6 +20,8 @@ from keras_curv._internal.keras_privates import clipped_gradients, variable_inde
 from keras_curv._internal.losses import loss_family
 from keras_curv._internal.model import output_shapes
 from keras_curv.curvature.class_gradients import num_classes_of
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import LowRankPlusDiagonal
 from keras_curv.optimizers import _labels, class_statistics, distribute
 from keras_curv.optimizers import class_subspace_math as csm
 from keras_curv.optimizers._graph import StepGate, under_xla
@@ -391,6 +393,61 @@ class ClassSubspaceNewton(CurvatureOptimizer):
             "class_updates": tf.cast(self.class_counts, curvature.dtype),
             "skipped_steps": tf.cast(self._skipped_steps, curvature.dtype),
         }
+
+    # ----------------------------------------------- the diagnostic callbacks' protocol
+
+    def _subspace_matrices(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(V, A, model core, lr)``: ``V`` the ``(dim, C)`` directions, the step's
+        ``d = lr g + V A Vᵀ g`` and the curvature model ``V core Vᵀ``, at the current state."""
+        _, curvature, directions, alive = self._current()
+        rows = csm.flat_directions(directions, self.num_classes)
+        lr = tf.cast(self.learning_rate, rows.dtype)
+        damping = self._damping(rows.dtype, lr)
+        gram = tf.matmul(rows, rows, transpose_b=True)
+        if self.curvature == "projected_newton":
+            block = tf.cast(tf.convert_to_tensor(self._subspace_curvature), rows.dtype)
+            eye = tf.eye(self.num_classes, dtype=rows.dtype)
+            inverse = csm.sym_pinv(block + damping * eye) - lr * csm.sym_pinv(gram)
+            pinv = csm.sym_pinv(gram)
+            core = tf.matmul(tf.matmul(pinv, block), pinv)  # Vᵀ (V core Vᵀ) V = block
+        else:
+            effective = csm.effective_curvature(curvature, damping, self.max_inverse_curvature)
+            if self.inverse == "diagonal":
+                inverse = tf.linalg.diag(1.0 / effective - lr)
+            else:
+                newton = csm.sym_pinv(tf.matmul(gram * effective[None, :], gram))
+                inverse = newton - lr * csm.sym_pinv(gram)
+            core = tf.linalg.diag(curvature)
+        # As in the step: a class without a direction, or with a non-finite coefficient,
+        # takes no Newton step.
+        usable = tf.logical_and(alive, tf.reduce_all(tf.math.is_finite(inverse), axis=1))
+        keep = tf.cast(usable, rows.dtype)
+        inverse = tf.where(keep[:, None] * keep[None, :] > 0, inverse, tf.zeros_like(inverse))
+        return tf.transpose(rows), inverse, core, lr
+
+    def curvature_model(self) -> LowRankPlusDiagonal:
+        """``Σ_k λ_k v_k v_kᵀ`` (``V K̃ Vᵀ`` for ``"projected_newton"``; protocol, read only).
+
+        The low-rank Hessian of eq. 10 in the flat layout of the optimizer's variables.
+        """
+        basis, _, core, _ = self._subspace_matrices()
+        return LowRankPlusDiagonal(basis, core, 0.0)
+
+    def preconditioner(self) -> LowRankPlusDiagonal:
+        """``P`` with ``d = lr P⁻¹ g``: ``P⁻¹ = I + V (A / lr) Vᵀ`` (protocol, read only).
+
+        For orthonormal directions and ``inverse="diagonal"``, ``P = I + Σ_k (lr λ_k − 1)
+        v_k v_kᵀ``: curvature ``λ_k`` along ``v_k``, ``1/lr`` elsewhere, in units of ``1/lr``.
+        With far-from-orthogonal directions ``P⁻¹`` may be indefinite (the diagonal
+        inverse assumes orthogonality); its power ``-1/2`` then raises ``ValueError``.
+        """
+        basis, inverse, _, lr = self._subspace_matrices()
+        return LowRankPlusDiagonal(basis, inverse / lr, 1.0).power(-1)
+
+    def stability_threshold(self) -> float:
+        """``(2 + 2μ) / η``: heavy-ball momentum ``μ`` on the whole step."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.momentum, "heavy_ball")
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -50,9 +50,11 @@ def test_history_and_progress_bar_see_the_values(capsys):
     model.compile(loss=XENT, optimizer="sgd")
     cb = HessianSpectrum((x, y), every_n_epochs=1)
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=2, callbacks=[cb])
-    assert set(history.history) == {"loss", "top_eigenvalue", "hessian_trace"}
+    expected = {"loss", "top_eigenvalue", "hessian_trace", "sharpness", "sharpness_x_lr"}
+    assert set(history.history) == expected
     out = capsys.readouterr().out
-    assert "top_eigenvalue:" in out and "hessian_trace:" in out
+    assert "top_eigenvalue:" in out and "hessian_trace:" in out and "sharpness_x_lr:" in out
+    assert "HessianSpectrum: measures every 1 epoch(s)" in out
 
 
 def test_summaries_coexist_with_keras_tensorboard(tmp_path, needs_tensorboard):
@@ -248,3 +250,25 @@ def test_a_real_tensorboard_server_serves_the_tags(tmp_path, needs_tensorboard):
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_custom_scalars_charts_draw_the_written_tags(tmp_path, needs_tensorboard):
+    import re
+
+    from tests.callbacks.test_summaries import _latest_layout
+
+    x, y = tiny_data()
+    model = tiny_model()
+    cb = HessianSpectrum((x, y), every_n_epochs=1, log_dir=str(tmp_path), blocks="layer")
+    fit(model, [cb], epochs=1, optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    _, layout = _latest_layout(tmp_path / "curvature")
+    charts = layout["keras-curv: Hessian"]
+    tags = set(read_events(tmp_path / "curvature"))
+    drawn = {
+        title: sorted(t for t in tags if any(re.search(r, t) for r in regexes))
+        for title, regexes in charts.items()
+    }
+    assert drawn["top-3 Hessian eigenvalues"] == [f"hessian/eigenvalue_{i}" for i in (1, 2, 3)]
+    sgd = "edge of stability: sharpness λ₁ and its threshold (2/η for SGD)"
+    assert drawn[sgd] == ["hessian/sharpness", "hessian/sharpness_threshold"]
+    assert len(drawn["per-layer top eigenvalue λ₁(H_BB)"]) == 2

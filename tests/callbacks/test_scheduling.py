@@ -44,39 +44,43 @@ def fit(callbacks, epochs, clock, train_end_seconds=0.0):
 
 def test_budget_schedule_with_a_fake_clock():
     # Epochs of 1 s, budget 10 %. D = seconds in the callback, T = e + 1 after epoch e.
-    # Calibration (prior: the first epoch, 1 s) fits once 1 <= 0.1 T: epoch 9; it costs
-    # 0.45 s, then the first measurement (0.01 s x (3k + 3) = 0.12 s) fits: 0.57 <= 1.0.
-    # Each measurement costs 0.37 s, so the next ones need D + 0.37 <= 0.1 T:
-    # 1.19 <= 1.2 at epoch 11, 1.56 <= 1.6 at epoch 15, 1.93 <= 2.0 at epoch 19.
+    # The first epoch is always measured: calibration 0.45 s and a measurement 0.37 s
+    # (D = 0.82). Each later one costs 0.37 s, so it needs D + 0.37 <= 0.1 T:
+    # 1.19 <= 1.2 at epoch 11, 1.56 <= 1.6 at epoch 15; epoch 19 is the last, always measured.
     clock = FakeClock()
     cb = budgeted(clock)
     history = fit([cb], 20, clock)
-    assert cb.measurements["step"] == [9, 11, 15, 19]
+    assert cb.measurements["step"] == [0, 11, 15, 19]
     assert len(history.history["top_eigenvalue"]) == 4
     assert cb._ledger.diagnostic == pytest.approx(0.45 + 4 * 0.37)
 
 
-def test_final_measurement_at_train_end_only_within_budget():
-    # 21 epochs: epoch 20 does not fit (2.30 > 2.1). If 3 s pass after the last epoch
-    # (T = 24), a final measurement fits at train end, at the last epoch's step.
+def test_a_short_run_measures_at_the_start_and_at_the_end_and_says_so(capsys):
     clock = FakeClock()
-    cb = budgeted(clock)
-    fit([cb], 21, clock, train_end_seconds=3.0)
-    assert cb.measurements["step"] == [9, 11, 15, 19, 20]
-    clock = FakeClock()
-    cb = budgeted(clock)
-    fit([cb], 21, clock)
-    assert cb.measurements["step"] == [9, 11, 15, 19]
+    cb = budgeted(clock, cost=50.0)  # far over budget
+    history = fit([cb], 5, clock)
+    assert cb.measurements["step"] == [0, 4]
+    assert len(history.history["top_eigenvalue"]) == 2
+    cb.params = {"epochs": 5, "verbose": 1}
+    assert "after the first epoch and at the end of training (epoch 5)" in cb._schedule_line()
+    x, y = tiny_data()
+    model = tiny_model()
+    model.compile(loss=XENT, optimizer="sgd")
+    model.fit(x, y, epochs=1, verbose=2, callbacks=[HessianSpectrum((x, y), every_n_epochs=2)])
+    assert "HessianSpectrum: measures every 2 epoch(s) (fixed schedule)." in capsys.readouterr().out
 
 
-def test_no_room_warns_once_at_train_end():
+def test_training_stopped_early_is_measured_at_train_end():
     clock = FakeClock()
     cb = budgeted(clock)
-    with pytest.warns(UserWarning, match="every_n_epochs=1") as caught:
-        history = fit([cb], 5, clock)
-    assert len([w for w in caught if "made no measurement" in str(w.message)]) == 1
-    assert cb.measurements == {} and "top_eigenvalue" not in history.history
-    assert cb._ledger.diagnostic == 0.0  # not even calibrated: nothing was spent
+
+    def stop(epoch, logs):
+        if epoch == 12:
+            cb.model.stop_training = True
+
+    fit([cb, keras.callbacks.LambdaCallback(on_epoch_end=stop)], 30, clock)
+    # Epoch 12 is neither first nor last, and over budget (1.56 > 1.3): measured at train end.
+    assert cb.measurements["step"] == [0, 11, 12]
 
 
 def test_explicit_schedule_ignores_the_budget():
@@ -96,19 +100,17 @@ def test_max_overhead_scales_the_schedule():
 
 def test_two_callbacks_decide_together_on_one_budget():
     # One account per model and fit, one decision per epoch for both. Budget 9.5 %:
-    # calibrating both (prior: 2 x the first epoch) fits at T = 22 (epoch 21) and costs
-    # 2 x 0.45; the first estimate is 2 x 0.01 x 3 (trace) + 0.01 x 9 (one shared Lanczos):
-    # 0.9 + 0.15 <= 2.09, so both measure at epoch 21 (D = 1.64). Then 1.64 + 2 x 0.37
-    # = 2.38 <= 0.095 T from T = 26 (epoch 25); the next would need T >= 32.8.
+    # both calibrate (2 x 0.45) and measure (2 x 0.37) at the first epoch, D = 1.64. Then
+    # 1.64 + 2 x 0.37 = 2.38 <= 0.095 T from T = 26 (epoch 25); the next would need
+    # T >= 32.8, so the last epoch (29) comes first.
     clock = FakeClock()
     first, second = budgeted(clock, max_overhead=0.095), budgeted(clock, max_overhead=0.095)
     fit([first, second], 30, clock)
     assert first._ledger is second._ledger and first.shared is second.shared
-    assert first.measurements["step"] == second.measurements["step"] == [21, 25]
-    # The second reused the first's eigenpairs at both epochs.
-    assert first.shared.eig_runs == 2
-    assert first._ledger.diagnostic == pytest.approx(0.9 + 4 * 0.37)
-    assert first._ledger.diagnostic <= 0.095 * 30
+    assert first.measurements["step"] == second.measurements["step"] == [0, 25, 29]
+    # The second reused the first's eigenpairs at every epoch.
+    assert first.shared.eig_runs == 3
+    assert first._ledger.diagnostic == pytest.approx(0.9 + 6 * 0.37)
 
 
 def test_subspace_alignment_reuses_the_spectrum_eigenvectors():

@@ -24,7 +24,7 @@ XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def numpy_measures(directions, eigvecs, gradient):
-    """Independent transcriptions: brute-force assignment, QR overlap, SVD rank."""
+    """Independent transcriptions: brute-force assignment, QR overlap, SVD rank of [Q_v, Q_e]."""
     v = directions / np.linalg.norm(directions, axis=1, keepdims=True)
     e = eigvecs.T
     cos = np.abs(v @ e.T)
@@ -32,11 +32,12 @@ def numpy_measures(directions, eigvecs, gradient):
     best = max(np.mean(cos[np.arange(c), list(p)]) for p in itertools.permutations(range(c)))
     qv, _ = np.linalg.qr(v.T)
     qe, _ = np.linalg.qr(e.T)
-    sigma = np.linalg.svd(np.concatenate([v, e]), compute_uv=False)
+    # Singular values sqrt(1 ± cos φ) of [Q_v, Q_e]: counted above sqrt(1 - 0.9).
+    sigma = np.linalg.svd(np.concatenate([qv, qe], axis=1), compute_uv=False)
     return {
         "alignment": best,
         "subspace_overlap": np.sum((qv.T @ qe) ** 2) / c,
-        "combined_rank": float(np.sum(sigma > 1e-2 * sigma[0])),
+        "combined_rank": float(np.sum(sigma > np.sqrt(1 - 0.9))),
         "gradient_fraction": np.sum((e @ gradient) ** 2) / (gradient @ gradient),
     }
 
@@ -124,8 +125,8 @@ def test_bad_class_directions_shape():
     [
         ({"data": "x"}, "probe data"),
         ({"top_k": -1}, "top_k"),
-        ({"rank_rtol": 1.5}, r"`rank_rtol` must be a number in \(0, 1\)"),
-        ({"rank_rtol": 1.0}, "rank_rtol"),
+        ({"rank_cos_tol": 1.5}, r"`rank_cos_tol` must be a number in \(0, 1\)"),
+        ({"rank_cos_tol": 1.0}, "rank_cos_tol"),
         ({"method": "eigh"}, "`method` must be one of"),
         ({"max_overhead": None}, "Nothing is scheduled"),
         ({"every_n_batches": 1.5}, "every_n_batches"),

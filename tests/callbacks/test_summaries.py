@@ -60,3 +60,36 @@ def test_missing_tensorboard_fails_at_construction(tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match=r"pip install 'keras-curv\[tensorboard\]'"):
         CurvatureWriter(tmp_path)
+
+
+def _latest_layout(directory):
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    events = read_events(directory)
+    step, kind, payload = events[metadata.CONFIG_SUMMARY_TAG][-1]
+    assert kind == metadata.PLUGIN_NAME
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(payload.item())
+    return step, {
+        c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category
+    }
+
+
+def test_custom_scalars_layout_merges_every_writer_of_a_log_dir(tmp_path, needs_tensorboard):
+    first, second = CurvatureWriter(tmp_path), CurvatureWriter(tmp_path)
+    first.add_charts("A", {"top": [r"^hessian/eigenvalue_\d+$"]})
+    first.write(0, scalars={"hessian/eigenvalue_1": 1.0})
+    second.add_charts("B", {"rank": ["^alignment/combined_rank$"]})
+    second.write(0, scalars={"alignment/combined_rank": 4.0})
+    first.write(1, scalars={"hessian/eigenvalue_1": 2.0})  # sees B: writes the merged layout
+    first.write(2, scalars={"hessian/eigenvalue_1": 3.0})  # unchanged: not rewritten
+    first.close(), second.close()
+    # Two event files in the run; the last layout of each holds both callbacks' charts.
+    _, layout = _latest_layout(first.path)
+    assert layout == {
+        "A": {"top": [r"^hessian/eigenvalue_\d+$"]},
+        "B": {"rank": ["^alignment/combined_rank$"]},
+    }
+    from tensorboard.plugins.custom_scalar import metadata
+
+    assert len(read_events(first.path)[metadata.CONFIG_SUMMARY_TAG]) == 3

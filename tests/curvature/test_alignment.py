@@ -54,7 +54,11 @@ def test_rotation_by_known_angles():
     np.testing.assert_allclose(principal_angles(v, e), np.sort(t), atol=1e-10)
     assert subspace_overlap(v, e) == pytest.approx(np.mean(np.cos(t) ** 2), abs=1e-12)
     assert best_assignment(cosine_matrix(v, e)).mean_cosine == pytest.approx(np.mean(np.cos(t)))
-    assert combined_rank(v, e) == 2 * C
+    # cos t = 0.995, 0.921, 0.622, 0.267: the tolerance decides which angles are shared.
+    assert combined_rank(v, e) == 2 * C - 2
+    assert combined_rank(v, e, cos_tol=0.95) == 2 * C - 1
+    assert combined_rank(v, e, cos_tol=0.999) == 2 * C
+    assert combined_rank(v, e, cos_tol=0.2) == C
 
 
 def test_hungarian_recovers_a_permutation():
@@ -118,9 +122,29 @@ def test_zero_rows_are_ignored_by_subspace_measures():
 
 def test_combined_rank_tolerance():
     e = np.array([[1.0, 0.0, 0.0]])
-    tilted = np.array([[np.cos(1e-3), np.sin(1e-3), 0.0]])
-    assert combined_rank(tilted, e) == 1  # within rtol=1e-2
-    assert combined_rank(tilted, e, rtol=1e-6) == 2
+    tilted = np.array([[np.cos(0.3), np.sin(0.3), 0.0]])  # 17.2 degrees, cos 0.955
+    assert combined_rank(tilted, e) == 1
+    assert combined_rank(tilted, e, cos_tol=0.96) == 2
+
+
+@pytest.mark.parametrize("shared", [0, 1, 2, 3, 4])
+def test_combined_rank_counts_a_known_intersection(shared):
+    """Spans of C directions meeting in a subspace of dimension ``shared``, plus small noise."""
+    q = orthonormal_rows(2 * C, seed=11)
+    a = q[:C]
+    b = np.concatenate([q[:shared], q[C : 2 * C - shared]])
+    rng = np.random.default_rng(12)
+    mix = rng.standard_normal((C, C))  # another basis of each span, not orthonormal
+    noise = 1e-3 * rng.standard_normal((C, DIM))
+    assert combined_rank(mix @ a, mix.T @ b + noise) == 2 * C - shared
+    # Without a tolerance (cos_tol near 1) the noise makes every set of 2C vectors full rank.
+    assert combined_rank(mix @ a, mix.T @ b + noise, cos_tol=1 - 1e-12) == 2 * C
+
+
+def test_combined_rank_counts_dependent_directions_within_a_set_once():
+    e = orthonormal_rows(2)
+    doubled = np.concatenate([e, e.sum(axis=0, keepdims=True)])  # three rows, rank 2
+    assert combined_rank(doubled, e) == 2
 
 
 @pytest.mark.parametrize(
@@ -130,7 +154,8 @@ def test_combined_rank_tolerance():
         lambda: cosine_matrix(np.eye(3), np.eye(4)),
         lambda: cosine_matrix(np.ones((2, 2, 2)), np.eye(2)),
         lambda: principal_angles(np.zeros((2, 3)), np.eye(3)),
-        lambda: combined_rank(np.eye(3), np.eye(3), rtol=0.0),
+        lambda: combined_rank(np.eye(3), np.eye(3), cos_tol=0.0),
+        lambda: combined_rank(np.eye(3), np.eye(3), cos_tol=1.0),
         lambda: gradient_fraction(np.ones(3), np.eye(4)),
         lambda: gradient_fraction(np.ones((3, 1)), np.eye(3)),
         lambda: best_assignment(np.array([[np.nan]])),

@@ -36,8 +36,9 @@ def test_absorb_and_derived_follow_eq_16_17():
     correction = 1 - 0.9 ** new_steps.numpy()
     flat_means = np.concatenate([m.numpy().reshape(3, -1) for m in new_sums], 1)
     flat_means /= correction[:, None]
-    np.testing.assert_allclose(np.concatenate([m.numpy().reshape(3, -1) for m in means], 1),
-                               flat_means, rtol=1e-14)
+    np.testing.assert_allclose(
+        np.concatenate([m.numpy().reshape(3, -1) for m in means], 1), flat_means, rtol=1e-14
+    )
     np.testing.assert_allclose(lam, np.sqrt(new_sq.numpy() / correction), rtol=1e-14)
     rows = csm.flat_directions(directions, 3).numpy()
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-14)

@@ -243,14 +243,6 @@ def test_terminate_on_nan_still_stops_training(name):
         assert np.all(np.isfinite(w.numpy()))
 
 
-def test_skipped_steps_callback_rejects_other_optimizers():
-    model = _classifier()
-    model.compile(optimizer="sgd", loss="mse")
-    x, y = _regression()
-    with pytest.raises(ValueError, match="keras-curv optimizer"):
-        model.fit(x, np.eye(3)[y], verbose=0, callbacks=[SkippedSteps()])
-
-
 # -------------------------------------------------------- 1/lambda underflow (CSN)
 
 
