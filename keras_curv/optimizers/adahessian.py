@@ -341,7 +341,11 @@ class AdaHessian(CurvatureOptimizer):
         return None if rms is None else DiagonalOperator(rms)
 
     def preconditioner(self) -> DiagonalOperator | None:
-        """``P = diag(sqrt(v̂)^k + ε)``, the update's denominator (protocol, read only)."""
+        """``P = diag(sqrt(v̂)^k + ε)``, the update's denominator (protocol, read only).
+
+        The step is ``lr · clip(P⁻¹ m̂, −c, c)``: ``P`` describes it wherever ``step_cap``
+        does not clip.
+        """
         rms = self._flat_rms()
         if rms is None:
             return None
