@@ -8,6 +8,7 @@ _versions.check_versions()  # before the imports below, whose errors an old Kera
 
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
+    KFAC,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
@@ -24,6 +25,7 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
     "Shampoo",
     "Sophia",
     "TrainBatch",

@@ -38,7 +38,7 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
+    from keras_curv.optimizers import KFAC, AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
 
     return {
         "sgd": OptimizerPreset(
@@ -60,7 +60,7 @@ def _presets() -> dict[str, OptimizerPreset]:
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
             0.1,
-            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9),
+            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9, curvature="paper"),
         ),
         "csn-gn": OptimizerPreset(
             'ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, no momentum',
@@ -79,10 +79,17 @@ def _presets() -> dict[str, OptimizerPreset]:
             3e-3,
             lambda lr, seed: Sophia(lr, estimator="gauss_newton_bartlett", seed=seed),
         ),
+        "kfac": OptimizerPreset(
+            "KFAC (its defaults: model Fisher, damping 0.1, KL norm constraint 0.01)",
+            0.1,
+            lambda lr, seed: KFAC(lr, seed=seed),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g")
+OPTIMIZERS = (
+    "sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g", "kfac"
+)
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -98,6 +105,7 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
   sophia-h    Sophia with the Hutchinson estimate (Sophia-H), lr 3e-3, its defaults
               otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
   sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
+  kfac        KFAC with its defaults, lr 0.1 (docs/kfac.md)
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the

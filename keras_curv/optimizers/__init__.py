@@ -10,6 +10,7 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.kfac import KFAC
 from keras_curv.optimizers.shampoo import Shampoo
 from keras_curv.optimizers.sophia import Sophia
 
@@ -18,6 +19,7 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
     "LayerCall",
     "LayerTap",
     "Shampoo",
