@@ -61,7 +61,9 @@ def _presets() -> dict[str, OptimizerPreset]:
         ),
         "adam": OptimizerPreset("Adam", 3e-3, lambda lr, seed: keras.optimizers.Adam(lr)),
         "adahessian": OptimizerPreset(
-            "AdaHessian (its defaults)", 0.15, lambda lr, seed: AdaHessian(lr, seed=seed)
+            "AdaHessian (its defaults: the authors' rule with step_cap 1)",
+            0.15,
+            lambda lr, seed: AdaHessian(lr, seed=seed),
         ),
         "shampoo": OptimizerPreset(
             "Shampoo, Adam grafting, roots every 10 steps (the adam preset's rate)",
@@ -158,7 +160,8 @@ COMPARE_DEFAULT = OPTIMIZERS[: OPTIMIZERS.index("lbfgs")]
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
   adam        Adam, lr 3e-3
-  adahessian  AdaHessian with its defaults, lr 0.15
+  adahessian  AdaHessian with its defaults, lr 0.15 (each step clipped to lr per
+              coordinate: step_cap=1; step_cap=None is the authors' rule)
   shampoo     Shampoo with its defaults (Adam grafting, inverse roots every 10 steps),
               lr 3e-3 as the adam preset: grafting gives it Adam's step size
   csn         ClassSubspaceNewton as in the paper: curvature="paper" (eq. 17), lr 0.1,
