@@ -1,7 +1,7 @@
 """HessianSpectrum's research measurements against dense float64 oracles on a tiny model.
 
 Per-block spectra (blocks sliced from the dense Hessian), the preconditioned sharpness
-(P^-1/2 H P^-1/2 formed densely, for Adam's diagonal P and for a Kronecker P), the
+(P^-1/2 H P^-1/2 formed densely, for Adam's diagonal P, a Kronecker P and Shampoo's), the
 curvature model's quality, and training left bit-for-bit unchanged by all of them.
 """
 
@@ -228,8 +228,9 @@ def test_curvature_model_against_the_dense_gauss_newton_matrix():
         lambda: keras.optimizers.Adam(0.01),
         lambda: AdaHessian(0.05, seed=0),
         lambda: ClassSubspaceNewton(0.1, damping=1.0, momentum=0.5),
+        lambda: Shampoo(0.05, block_size=3, precondition_every=2, start_preconditioning_step=1),
     ],
-    ids=["adam", "adahessian", "csn"],
+    ids=["adam", "adahessian", "csn", "shampoo"],
 )
 def test_training_is_bit_identical_with_every_measurement(make):
     x, y = tiny_data()
