@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras_curv._internal import validation
 from keras_curv._internal.keras_privates import use_fresh_collective_keys, variable_index
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
+from keras_curv.curvature.operators import LinearOperator
 from keras_curv.curvature.stability import stability_threshold
 from keras_curv.curvature.structured import (
     BlockDiagonalOperator,
@@ -178,7 +179,7 @@ class Shampoo(keras.optimizers.Optimizer):
                     ]
                 )
                 if self.grafting != "none":
-                    # The last step's ‖A‖/‖P‖, for `preconditioner()` (training never reads it).
+                    # The last step's ‖A‖/‖P‖ for `preconditioner()`; the update never uses it.
                     self._graft_ratios[-1].append(
                         self.add_variable((), "ones", dtype, name=f"{prefix}_graft_ratio_{b}")
                     )
@@ -374,9 +375,11 @@ class Shampoo(keras.optimizers.Optimizer):
         """
         self._check_built()
         count = int(np.asarray(self.iterations))
+        # `iterations` counts micro-batches; the last update step was at a multiple of the
+        # accumulation (and `update_step` numbers it `count`).
+        count -= count % (self.gradient_accumulation_steps or 1)
         if count == 0:
             return None
-        # The last step, number `count`, preconditioned if it came after the start.
         active = count - 1 >= self._start
         return BlockDiagonalOperator(
             [
@@ -387,7 +390,7 @@ class Shampoo(keras.optimizers.Optimizer):
             ]
         )
 
-    def _grafting_preconditioner(self, index: int, count: int):
+    def _grafting_preconditioner(self, index: int, count: int) -> LinearOperator:
         variable = self._trainable_variables[index]
         dtype = curvature_dtype(variable.dtype)
         if self.grafting != "adam":
@@ -395,7 +398,7 @@ class Shampoo(keras.optimizers.Optimizer):
         v = tf.cast(tf.reshape(tf.convert_to_tensor(self._second_moments[index]), [-1]), dtype)
         return DiagonalOperator(adam_denominator(v, count, self.beta_2, self.grafting_epsilon))
 
-    def _shampoo_preconditioner(self, index: int):
+    def _shampoo_preconditioner(self, index: int) -> LinearOperator:
         roots = self._roots[index]
         ratios = self._graft_ratios[index] or [None] * len(roots)
         blocks = []

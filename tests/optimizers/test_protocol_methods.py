@@ -114,6 +114,20 @@ def shampoo_trained(optimizer, conv):
     return model, x, y
 
 
+def one_more_step(model, x, y):
+    """``(g, D)``: a batch gradient, applied, and the direction of the update step it makes,
+    ``D = (m_t − β₁ m_{t−1}) / (1 − β₁)`` (β₁ = 0.9), flat."""
+    optimizer, variables = model.optimizer, model.trainable_variables
+    with tf.GradientTape() as tape:
+        loss = XENT(y[:16], model(x[:16]))
+    gradients = tape.gradient(loss, variables)
+    before = [np.asarray(m).copy() for m in optimizer._momentums]
+    optimizer.apply_gradients(zip(gradients, variables))
+    after = [np.asarray(m) for m in optimizer._momentums]
+    direction = [((a - 0.9 * b) / 0.1).reshape(-1) for a, b in zip(after, before)]
+    return flat.flatten(gradients).numpy(), np.concatenate(direction)
+
+
 SHAMPOO_CASES = {
     # Kernels (4, 5) and (5, 3) in blocks of 3: the first is cut along its columns too.
     "adam_blocks_on_both_axes": (False, {"grafting": "adam", "block_size": 3}),
@@ -131,17 +145,7 @@ def test_shampoo_preconditioner_reproduces_its_step(conv, kwargs):
     settings = {"beta_2": 0.9, "epsilon": 1e-8, "precondition_every": 2}
     optimizer = Shampoo(0.05, **{**settings, "start_preconditioning_step": 1, **kwargs})
     model, x, y = shampoo_trained(optimizer, conv)
-    variables = model.trainable_variables
-    with tf.GradientTape() as tape:
-        loss = XENT(y[:16], model(x[:16]))
-    gradients = tape.gradient(loss, variables)
-    before = [np.asarray(m).copy() for m in optimizer._momentums]
-    optimizer.apply_gradients(zip(gradients, variables))
-    after = [np.asarray(m) for m in optimizer._momentums]
-    direction = np.concatenate(
-        [((a - 0.9 * b) / 0.1).reshape(-1) for a, b in zip(after, before)]
-    )
-    g = flat.flatten(gradients).numpy()
+    g, direction = one_more_step(model, x, y)
 
     state = [np.asarray(v).copy() for v in optimizer.variables]
     p = optimizer.preconditioner()
@@ -167,3 +171,30 @@ def test_shampoo_has_no_preconditioner_before_its_first_step():
     optimizer = Shampoo()
     optimizer.build([keras.Variable(np.ones((2, 3)))])
     assert optimizer.preconditioner() is None
+
+
+def test_shampoo_preconditioner_under_gradient_accumulation():
+    """P stays the last update's between micro-batches, and P D = g for the next update."""
+    optimizer = Shampoo(
+        0.05,
+        beta_2=0.9,
+        block_size=3,
+        precondition_every=1,
+        start_preconditioning_step=1,
+        gradient_accumulation_steps=2,
+    )
+    model, x, y = shampoo_trained(optimizer, conv=False)
+    last = optimizer.preconditioner().to_dense()
+    model.optimizer.apply_gradients(
+        zip([tf.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    )
+    np.testing.assert_array_equal(optimizer.preconditioner().to_dense(), last)
+    # The accumulated mean of g and the ones above is what the update preconditions.
+    g, direction = one_more_step(model, x, y)
+    ones = np.ones_like(g)
+    np.testing.assert_allclose(
+        optimizer.preconditioner().matvec(direction).numpy(),
+        (g + ones) / 2,
+        rtol=1e-9,
+        atol=1e-11 * np.linalg.norm(g + ones),
+    )
