@@ -374,10 +374,8 @@ class Shampoo(keras.optimizers.Optimizer):
         optimizer's variables; ``None`` before the first step.
         """
         self._check_built()
+        # Update steps (micro-batches over the accumulation), as `update_step` numbers them.
         count = int(np.asarray(self.iterations))
-        # `iterations` counts micro-batches; the last update step was at a multiple of the
-        # accumulation (and `update_step` numbers it `count`).
-        count -= count % (self.gradient_accumulation_steps or 1)
         if count == 0:
             return None
         active = count - 1 >= self._start

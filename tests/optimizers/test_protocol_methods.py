@@ -174,7 +174,7 @@ def test_shampoo_has_no_preconditioner_before_its_first_step():
 
 
 def test_shampoo_preconditioner_under_gradient_accumulation():
-    """P stays the last update's between micro-batches, and P D = g for the next update."""
+    """P stays the last update's between micro-batches, and P D = g for the next updates."""
     optimizer = Shampoo(
         0.05,
         beta_2=0.9,
@@ -184,17 +184,18 @@ def test_shampoo_preconditioner_under_gradient_accumulation():
         gradient_accumulation_steps=2,
     )
     model, x, y = shampoo_trained(optimizer, conv=False)
-    last = optimizer.preconditioner().to_dense()
-    model.optimizer.apply_gradients(
-        zip([tf.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
-    )
-    np.testing.assert_array_equal(optimizer.preconditioner().to_dense(), last)
-    # The accumulated mean of g and the ones above is what the update preconditions.
-    g, direction = one_more_step(model, x, y)
-    ones = np.ones_like(g)
-    np.testing.assert_allclose(
-        optimizer.preconditioner().matvec(direction).numpy(),
-        (g + ones) / 2,
-        rtol=1e-9,
-        atol=1e-11 * np.linalg.norm(g + ones),
-    )
+    variables = model.trainable_variables
+    for _ in range(2):  # update steps 4 and 5
+        last = optimizer.preconditioner().to_dense()
+        optimizer.apply_gradients(zip([tf.ones_like(v) for v in variables], variables))
+        np.testing.assert_array_equal(optimizer.preconditioner().to_dense(), last)
+        # The update preconditions the accumulated mean of the ones above and g.
+        g, direction = one_more_step(model, x, y)
+        mean = (g + 1) / 2
+        np.testing.assert_allclose(
+            optimizer.preconditioner().matvec(direction).numpy(),
+            mean,
+            rtol=1e-9,
+            atol=1e-11 * np.linalg.norm(mean),
+        )
+    assert int(optimizer.iterations.numpy()) == 5
