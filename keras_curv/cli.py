@@ -38,7 +38,7 @@ class OptimizerPreset:
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo
+    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
 
     return {
         "sgd": OptimizerPreset(
@@ -67,10 +67,20 @@ def _presets() -> dict[str, OptimizerPreset]:
                 lr, gamma=0.9, curvature="gauss_newton", damping=1.0
             ),
         ),
+        "sophia-h": OptimizerPreset(
+            "Sophia-H (Hutchinson estimate every 10 steps; its defaults otherwise)",
+            3e-3,
+            lambda lr, seed: Sophia(lr, seed=seed),
+        ),
+        "sophia-g": OptimizerPreset(
+            'Sophia-G (estimator="gauss_newton_bartlett"; its defaults otherwise)',
+            3e-3,
+            lambda lr, seed: Sophia(lr, estimator="gauss_newton_bartlett", seed=seed),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn")
+OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g")
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -82,6 +92,9 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
               gamma 0.9, momentum 0.9 (Appendix D)
   csn-gn      ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, lr 0.2,
               gamma 0.9, no momentum
+  sophia-h    Sophia with the Hutchinson estimate (Sophia-H), lr 3e-3, its defaults
+              otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
+  sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the

@@ -166,6 +166,17 @@ def test_compare_subset_and_validation_every(tmp_path, capsys):
     assert Path(result["json"]).is_file() and Path(result["report"]).is_file()
 
 
+def test_compare_offers_both_sophia_presets(tmp_path):
+    argv = ["compare", "--optimizers", "sophia-h,sophia-g", "--epochs", "1"]
+    argv += ["--max-train", "256", "--max-test", "64", "--logdir", str(tmp_path)]
+    result = cli.run_compare(cli._parser().parse_args(argv))
+    assert list(result["optimizers"]) == ["sophia-h", "sophia-g"]
+    for name, run in result["optimizers"].items():
+        assert run["learning_rate"] == 3e-3
+        assert math.isfinite(run["final"]["loss"]), (name, run)
+        assert run["final"]["loss"] < math.log(10), (name, run)  # below chance after 8 steps
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -21,6 +21,7 @@ REQUIRED_PAGES = (
     "adahessian.md",
     "shampoo.md",
     "class_subspace_newton.md",
+    "sophia.md",
     "integration.md",
     "callbacks.md",
     "tensorboard.md",

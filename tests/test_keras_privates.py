@@ -105,6 +105,22 @@ def test_optimizer_privates():
     np.testing.assert_allclose(np.linalg.norm(clipped[0]), 1.0, rtol=1e-6)
 
 
+def test_stateless_seed_reproduces_keras_random_draws():
+    # Two generators in the same state: keras.random's draw, and a stateless draw from
+    # the seed pair, must agree (the convention of Keras's TF backend, `_cast_seed`).
+    ours = keras.random.SeedGenerator(2**40 + 5)
+    theirs = keras.random.SeedGenerator(2**40 + 5)
+    seed = kp.stateless_seed(ours.next())
+    assert seed.dtype == tf.int32
+    mine = tf.random.stateless_uniform((3, 7), seed=seed, minval=0, maxval=2, dtype=tf.int32)
+    expected = keras.random.randint((3, 7), 0, 2, dtype="int32", seed=theirs)
+    np.testing.assert_array_equal(mine.numpy(), np.asarray(expected))
+    uniform = tf.random.stateless_uniform((4,), seed=kp.stateless_seed(ours.next()))
+    expected = keras.random.uniform((4,), seed=theirs)
+    np.testing.assert_array_equal(uniform.numpy(), np.asarray(expected))
+    np.testing.assert_array_equal(ours.state.numpy(), theirs.state.numpy())
+
+
 def test_calling_models_finds_the_model_among_callers():
     class Model(keras.Model):
         def probe(self):

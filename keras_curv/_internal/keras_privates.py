@@ -99,6 +99,20 @@ def clipped_gradients(optimizer: keras.optimizers.Optimizer, gradients: list) ->
     return list(optimizer._clip_gradients(gradients))
 
 
+def stateless_seed(seed: Any) -> tf.Tensor:
+    """The ``int32`` seed pair ``keras.random`` hands to ``tf.random.stateless_*`` ops.
+
+    ``SeedGenerator.next()`` returns its ``int64`` state; Keras's TensorFlow backend
+    (``_cast_seed``) maps it into ``int32`` by ``floormod(seed, 2**31 - 2)``. Drawing
+    with this seed gives exactly the numbers of ``keras.random.*(..., seed=generator)``,
+    while letting the draw be gated on the steps that use it.
+    """
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype == tf.int32:
+        return seed
+    return tf.cast(tf.math.floormod(seed, tf.cast(tf.int32.max - 1, seed.dtype)), tf.int32)
+
+
 def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
     """The position of a trainable ``variable`` in the optimizer's list.
 

@@ -11,6 +11,7 @@ from keras_curv.optimizers.contract import (
 )
 from keras_curv.optimizers.distribute import replica_sum
 from keras_curv.optimizers.shampoo import Shampoo
+from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
     "AdaHessian",
@@ -20,6 +21,7 @@ __all__ = [
     "LayerCall",
     "LayerTap",
     "Shampoo",
+    "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_curv._internal.keras_privates import under_xla
 
-__all__ = ["StepGate", "stacked_map", "under_xla"]
+__all__ = ["StepGate", "refresh_gate", "stacked_map", "under_xla"]
 
 
 def stacked_map(fn: Callable, elems: Any) -> Any:
@@ -76,3 +76,22 @@ class StepGate:
         if self.mode == "none":
             return flags
         return tf.logical_and(flags, self.predicate)
+
+
+def refresh_gate(iterations: Any, every: int, *, start: int = 0) -> tuple[tf.Tensor, StepGate]:
+    """Whether this step refreshes a curvature statistic, and the :class:`StepGate` for it.
+
+    A step refreshes when ``iterations % every == 0`` and ``iterations >= start``
+    (``iterations`` counts the steps before this one).
+
+    Returns:
+        ``(predicate, gate)``: a boolean scalar, and a gate that skips the gated work on
+        the other steps (no gating at all when every step refreshes).
+    """
+    if every == 1 and start == 0:
+        return tf.constant(True), StepGate(None)
+    iteration = tf.cast(tf.convert_to_tensor(iterations), tf.int64)
+    predicate = tf.equal(tf.math.floormod(iteration, every), 0)
+    if start > 0:
+        predicate = tf.logical_and(predicate, iteration >= start)
+    return predicate, StepGate(predicate)

@@ -1,13 +1,13 @@
 """AdaHessian (Yao et al., 2021): Adam whose second moment is a Hessian-diagonal estimate.
 
-The math is in the pure functions :func:`hutchinson_diagonal`, :func:`spatial_average`,
-:func:`adahessian_moments` and :func:`adahessian_direction`; :class:`AdaHessian` is the
-Keras shell around them. ``docs/adahessian.md`` explains the choices.
+The math is in the pure functions :func:`hutchinson_diagonal` (shared with Sophia, in
+``_hutchinson.py``), :func:`spatial_average`, :func:`adahessian_moments` and
+:func:`adahessian_direction`; :class:`AdaHessian` is the Keras shell around them.
+``docs/adahessian.md`` explains the choices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -20,26 +20,25 @@ from keras_curv._internal.numerics import exact_cast
 from keras_curv.curvature.stability import stability_threshold
 from keras_curv.curvature.structured import DiagonalOperator
 from keras_curv.optimizers import _labels, distribute
-from keras_curv.optimizers._graph import StepGate, stacked_map
+from keras_curv.optimizers._graph import refresh_gate
+from keras_curv.optimizers._hutchinson import (
+    hutchinson_diagonal,
+    next_seed,
+    probe_estimates,
+    rademacher,
+)
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
 from keras_curv.optimizers.batch import TrainBatch
 
+__all__ = [
+    "AdaHessian",
+    "adahessian_direction",
+    "adahessian_moments",
+    "hutchinson_diagonal",
+    "spatial_average",
+]
+
 # ------------------------------------------------------------------ the math
-
-
-def hutchinson_diagonal(
-    probes: Sequence[tf.Tensor], products: Sequence[tf.Tensor]
-) -> list[tf.Tensor]:
-    """``z ⊙ (H z)`` per variable: an unbiased estimate of ``diag(H)`` for Rademacher ``z``.
-
-    Args:
-        probes: ``z`` per variable (entries ±1).
-        products: ``H z`` per variable.
-
-    Returns:
-        One tensor per variable, in the products' dtype.
-    """
-    return [tf.cast(z, hz.dtype) * hz for z, hz in zip(probes, products)]
 
 
 def spatial_average(diagonal: tf.Tensor) -> tf.Tensor:
@@ -207,27 +206,12 @@ class AdaHessian(CurvatureOptimizer):
     def step_statistics(self, batch: TrainBatch) -> StepStatistics:
         """``D`` per variable (replica-summed before ``|.|``) and whether it refreshes ``v``."""
         with batch.step_graph():
-            # Drawn at every step, so the probe sequence does not depend on update_each.
-            bits = keras.random.randint(
-                (self.n_samples, flat.flat_dim(batch.variables)),
-                0,
-                2,
-                dtype="int32",
-                seed=self._seed_generator,
-            )
-            signs = 2 * bits - 1
-            if batch.replicas is not None:
-                distribute.mirror_copies(self._seed_generator.state)
-            if self.update_each == 1:
-                is_hessian_step = tf.constant(True)
-                gate = StepGate(None)
-            else:
-                iteration = tf.cast(tf.convert_to_tensor(self.iterations), tf.int64)
-                is_hessian_step = tf.equal(tf.math.floormod(iteration, self.update_each), 0)
-                gate = StepGate(is_hessian_step)
+            is_hessian_step, gate = refresh_gate(self.iterations, self.update_each)
+            seed = next_seed(self._seed_generator, batch)
+            signs = rademacher(gate.enter(seed), self.n_samples, flat.flat_dim(batch.variables))
 
             def diagonals(replica: TrainBatch):
-                estimates = self._probe_estimates(replica, gate.enter(signs))
+                estimates = probe_estimates(replica, signs)
                 estimates = yield [gate.exit(e) for e in estimates]
                 return [spatial_average(tf.abs(e)) for e in estimates]
 
@@ -241,19 +225,6 @@ class AdaHessian(CurvatureOptimizer):
             # Before the first finite estimate there is nothing to precondition with.
             proceed=tf.logical_or(updated, self._hessian_iterations > 0),
         )
-
-    def _probe_estimates(self, batch: TrainBatch, signs: tf.Tensor) -> list[tf.Tensor]:
-        """``(1/S) Σ_s z_s ⊙ (H z_s)`` per variable of this replica's loss."""
-        batch.scaled_gradients()  # once, outside the vectorised function below
-        shapes = flat.variable_shapes(batch.variables)
-
-        def estimate(flat_signs):
-            probes = flat.unflatten(flat_signs, shapes)
-            return hutchinson_diagonal(probes, batch.hessian_vector_product(probes))
-
-        if self.n_samples == 1:
-            return estimate(signs[0])
-        return [tf.reduce_mean(e, axis=0) for e in stacked_map(estimate, signs)]
 
     # ------------------------------------------------------------------ update
 

@@ -179,6 +179,27 @@ class TrainBatch:
         """Dense gradients of ``loss`` (unscaled), in float32 at least."""
         return self._unscale(self.scaled_gradients())
 
+    def gradients_of(self, value: tf.Tensor) -> list[tf.Tensor]:
+        """Dense gradients of another scalar of the step's graph (unscaled, float32 at least).
+
+        For a loss built from the step's tensors, such as the loss on labels sampled from
+        the model (Sophia's Gauss–Newton–Bartlett estimate). It is differentiated times
+        ``loss_scale`` and unscaled, like :meth:`gradients`, so that float16 backward
+        passes keep their precision.
+
+        Args:
+            value: A scalar that depends on the trainable variables through this
+                replica's forward pass.
+
+        Returns:
+            One tensor per variable.
+        """
+        handles = self.handles()
+        with self.step_graph():
+            scaled = value * exact_cast(self.loss_scale, value.dtype)
+            gradients = tf.gradients(scaled, handles)
+        return self._unscale(flat.zeros_for_none(gradients, handles))
+
     def _unscale(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         dtype = curvature_dtype(tensors[0].dtype) if tensors else tf.float32
         scale = exact_cast(self.loss_scale, dtype)

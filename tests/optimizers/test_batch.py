@@ -141,3 +141,33 @@ def test_a_layer_called_twice_is_tapped_twice():
     model.compile(optimizer=counter, loss=LOSS)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert counter.tapped == ["shared", "shared", "out"]
+
+
+class GradientsOfChecker(TapChecker):
+    """Records the largest gap between gradients_of(3 loss) and 3 * gradients()."""
+
+    uses_layer_taps = False
+
+    def step_statistics(self, batch):
+        with batch.step_graph():
+            other = batch.gradients_of(3.0 * batch.loss)
+            pairs = list(zip(other, [3.0 * g for g in batch.gradients()]))
+            error = tf.reduce_max([tf.reduce_max(tf.abs(a - b)) for a, b in pairs])
+            scale = tf.reduce_max([tf.reduce_max(tf.abs(b)) for _, b in pairs])
+        shared = {"error": tf.cast(error, tf.float64), "scale": tf.cast(scale, tf.float64)}
+        return StepStatistics(shared=shared)
+
+
+@pytest.mark.parametrize("loss_scaled", [False, True])
+def test_gradients_of_another_scalar_is_loss_scaled_and_unscaled(loss_scaled):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, 16)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(3)])  # fmt: skip
+    checker = GradientsOfChecker()
+    optimizer = keras.optimizers.LossScaleOptimizer(checker) if loss_scaled else checker
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert float(checker.scale.numpy()) > 1e-3
+    assert float(checker.error.numpy()) < 1e-6 * float(checker.scale.numpy())
