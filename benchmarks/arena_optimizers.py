@@ -107,7 +107,7 @@ def contestants() -> dict[str, Contestant]:
         ),
         Contestant(
             "csn_eigen",
-            'ClassSubspaceNewton, directions="eigen": Newton in the top-C Hessian eigenspace',
+            'ClassSubspaceNewton, directions="eigen": Newton in the top-C Gauss-Newton eigenspace',
             0.1, lambda lr, s: k.ClassSubspaceNewton(lr, directions="eigen"), needs_classes=True,
         ),
         Contestant(

@@ -8,11 +8,15 @@ _versions.check_versions()  # before the imports below, whose errors an old Kera
 
 from keras_curv import curvature, optimizers  # noqa: E402
 from keras_curv.optimizers import (  # noqa: E402
+    KFAC,
+    OSGM,
     AdaHessian,
     ClassSubspaceNewton,
     CurvatureContextError,
     CurvatureOptimizer,
+    Lookahead,
     Shampoo,
+    SketchySGD,
     Sophia,
     TrainBatch,
     attach,
@@ -24,6 +28,10 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
+    "Lookahead",
+    "OSGM",
+    "SketchySGD",
     "Shampoo",
     "Sophia",
     "TrainBatch",

@@ -31,14 +31,23 @@ class OptimizerPreset:
     """A named optimizer configuration of the command line."""
 
     description: str
-    learning_rate: float
+    learning_rate: float | None  # None: the optimizer picks its own (SketchySGD)
     build: Callable[[float, int], Any]
 
 
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
+    from keras_curv.optimizers import (
+        KFAC,
+        OSGM,
+        AdaHessian,
+        ClassSubspaceNewton,
+        Lookahead,
+        Shampoo,
+        SketchySGD,
+        Sophia,
+    )
 
     return {
         "sgd": OptimizerPreset(
@@ -58,7 +67,7 @@ def _presets() -> dict[str, OptimizerPreset]:
         "csn": OptimizerPreset(
             "ClassSubspaceNewton, paper (eq. 17; Appendix D: gamma 0.9, momentum 0.9)",
             0.1,
-            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9),
+            lambda lr, seed: ClassSubspaceNewton(lr, gamma=0.9, momentum=0.9, curvature="paper"),
         ),
         "csn-gn": OptimizerPreset(
             'ClassSubspaceNewton, curvature="gauss_newton", damping 1.0, no momentum',
@@ -77,10 +86,43 @@ def _presets() -> dict[str, OptimizerPreset]:
             3e-3,
             lambda lr, seed: Sophia(lr, estimator="gauss_newton_bartlett", seed=seed),
         ),
+        "kfac": OptimizerPreset(
+            "KFAC (its defaults: model Fisher, damping 0.1, KL norm constraint 0.01)",
+            0.1,
+            lambda lr, seed: KFAC(lr, seed=seed),
+        ),
+        "sketchysgd": OptimizerPreset(
+            "SketchySGD (its defaults: rank 10, automatic rho and step size)",
+            None,
+            lambda lr, seed: SketchySGD("auto" if lr is None else lr, seed=seed),
+        ),
+        "osgm": OptimizerPreset(
+            "OSGM, max_scale 1e-3, momentum 0.9",
+            1e-4,
+            lambda lr, seed: OSGM(lr, max_scale=1e-3),
+        ),
+        "lookahead": OptimizerPreset(
+            "Lookahead(Adam), sync_period 5, slow_step_size 0.5",
+            3e-3,
+            lambda lr, seed: Lookahead(keras.optimizers.Adam(lr)),
+        ),
     }
 
 
-OPTIMIZERS = ("sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g")
+OPTIMIZERS = (
+    "sgd",
+    "adam",
+    "adahessian",
+    "shampoo",
+    "csn",
+    "csn-gn",
+    "sophia-h",
+    "sophia-g",
+    "kfac",
+    "sketchysgd",
+    "osgm",
+    "lookahead",
+)
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
@@ -95,6 +137,10 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
   sophia-h    Sophia with the Hutchinson estimate (Sophia-H), lr 3e-3, its defaults
               otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
   sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
+  kfac        KFAC with its defaults, lr 0.1 (docs/kfac.md)
+  sketchysgd  SketchySGD with its defaults (automatic step size: lr "auto")
+  osgm        OSGM, lr 1e-4 (the online learner's), max_scale 1e-3, momentum 0.9
+  lookahead   Lookahead(Adam lr 3e-3), sync_period 5, slow_step_size 0.5
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the
@@ -273,6 +319,11 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _lr(rate: float | None) -> str:
+    """A preset's learning rate for the console (``None``: chosen by the optimizer)."""
+    return "auto" if rate is None else format(rate, "g")
+
+
 def _compiled_model(data, optimizer_name: str, learning_rate: float | None, seed: int):
     """``small_cnn`` compiled with a preset; the same seed gives the same initial weights."""
     import keras
@@ -363,7 +414,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     print(
         f"Training a {model.count_params():,}-parameter CNN on {_describe(data)} for "
-        f"{args.epochs} epochs with {args.optimizer} (lr {rate:g}); Hessian measured on "
+        f"{args.epochs} epochs with {args.optimizer} (lr {_lr(rate)}); Hessian measured on "
         f"{probe_size} training samples every {args.every} epoch(s)"
     )
     start = time.perf_counter()
@@ -426,7 +477,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         series,
         alignment_epochs,
         (slq.grid, slq.density),
-        f"keras-curv demo: small_cnn on {data.name}, {args.optimizer} (lr {rate:g}), "
+        f"keras-curv demo: small_cnn on {data.name}, {args.optimizer} (lr {_lr(rate)}), "
         f"seed {args.seed}",
         stability=stability,
         blocks=blocks,
@@ -524,7 +575,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     for name in args.optimizers:
         model, rate = _compiled_model(data, name, args.learning_rate, args.seed)
         timer = _step_timer()
-        print(f"\n[{name}] {presets[name].description}, lr {rate:g}")
+        print(f"\n[{name}] {presets[name].description}, lr {_lr(rate)}")
         start = time.perf_counter()
         history = model.fit(
             data.x_train,
@@ -542,7 +593,8 @@ def run_compare(args: argparse.Namespace) -> dict:
         histories[name] = {key: [float(v) for v in values] for key, values in history.items()}
         results[name] = {
             "description": presets[name].description,
-            "learning_rate": rate,
+            # An automatic rate (None) is recorded as the step size the optimizer ended with.
+            "learning_rate": float(model.optimizer.learning_rate) if rate is None else rate,
             "final": {
                 key: _finite_or_none(_last(history, key))
                 for key in ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -585,7 +637,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     for name, result in results.items():
         final = result["final"]
         print(
-            f"{name:<11} {result['learning_rate']:>7g} {cell(final['loss'], '9.4g')} "
+            f"{name:<11} {_lr(result['learning_rate']):>7} {cell(final['loss'], '9.4g')} "
             f"{cell(final['accuracy'], '6.3f')} {cell(final['val_loss'], '9.4g')} "
             f"{cell(final['val_accuracy'], '7.3f')} {result['wall_seconds']:7.1f} "
             f"{1e3 * result['seconds_per_step']:8.2f}"
@@ -608,7 +660,7 @@ def run_spectrum(args: argparse.Namespace) -> dict:
     model, rate = _compiled_model(data, args.optimizer, args.learning_rate, args.seed)
     print(
         f"Training a {model.count_params():,}-parameter CNN on {_describe(data)} for "
-        f"{args.epochs} epochs with {args.optimizer} (lr {rate:g})"
+        f"{args.epochs} epochs with {args.optimizer} (lr {_lr(rate)})"
     )
     model.fit(
         data.x_train,

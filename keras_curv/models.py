@@ -52,6 +52,7 @@ def resnet9(
     num_classes: int,
     *,
     width: int = 64,
+    batchnorm: bool = True,
     dtype: str | None = None,
 ) -> keras.Model:
     """The ResNet9 of the class-subspace paper's Fig. 1 (about 6.5M parameters at ``width=64``).
@@ -67,6 +68,8 @@ def resnet9(
         input_shape: ``(h, w, c)`` with ``h, w >= 8`` (three 2x2 poolings).
         num_classes: Number of classes C (size of the logit layer).
         width: Channels of the first convolution; the smoke examples use 4 or 8.
+        batchnorm: ``False`` drops the BatchNorm layers (the convolutions then carry a
+            bias), to study what BatchNorm does for an optimizer.
         dtype: Layer dtype (``None``: the global policy).
 
     Returns:
@@ -88,10 +91,10 @@ def resnet9(
     width = integer(width, "width", minimum=1)
 
     def conv_bn(tensor, filters):
-        tensor = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype)(
-            tensor
-        )
-        tensor = keras.layers.BatchNormalization(dtype=dtype)(tensor)
+        conv = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, dtype=dtype)
+        tensor = conv(tensor)
+        if batchnorm:
+            tensor = keras.layers.BatchNormalization(dtype=dtype)(tensor)
         return keras.layers.ReLU(dtype=dtype)(tensor)
 
     def residual(tensor, filters):

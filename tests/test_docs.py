@@ -21,6 +21,8 @@ REQUIRED_PAGES = (
     "adahessian.md",
     "shampoo.md",
     "class_subspace_newton.md",
+    "kfac.md",
+    "sketchy_sgd.md",
     "sophia.md",
     "integration.md",
     "callbacks.md",

@@ -36,7 +36,7 @@ _SETTINGS = {
 
 _OPTIMIZERS = {
     "adahessian": lambda: AdaHessian(0.05, seed=0),
-    "csn_paper": lambda: ClassSubspaceNewton(0.1, damping=1.0),
+    "csn_paper": lambda: ClassSubspaceNewton(0.1, curvature="paper", damping=1.0),
     "csn_gauss_newton": lambda: ClassSubspaceNewton(0.1, curvature="gauss_newton", damping=1.0),
 }
 

@@ -16,7 +16,9 @@ from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
 _OPTIMIZERS = {
     # A fixed seed: a probe generator that was not restored would restart its stream.
     "adahessian": lambda: AdaHessian(0.05, seed=1, weight_decay=0.01),
-    "csn_paper_momentum": lambda: ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1),
+    "csn_paper_momentum": lambda: ClassSubspaceNewton(
+        0.05, momentum=0.5, damping=0.1, curvature="paper"
+    ),
     "csn_projected_update_each": lambda: ClassSubspaceNewton(
         0.05, curvature="projected_newton", damping=0.1, update_each=3
     ),

@@ -10,7 +10,11 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.kfac import KFAC
+from keras_curv.optimizers.lookahead import Lookahead
+from keras_curv.optimizers.osgm import OSGM
 from keras_curv.optimizers.shampoo import Shampoo
+from keras_curv.optimizers.sketchy_sgd import SketchySGD
 from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
@@ -18,8 +22,12 @@ __all__ = [
     "ClassSubspaceNewton",
     "CurvatureContextError",
     "CurvatureOptimizer",
+    "KFAC",
     "LayerCall",
     "LayerTap",
+    "Lookahead",
+    "OSGM",
+    "SketchySGD",
     "Shampoo",
     "Sophia",
     "StepStatistics",

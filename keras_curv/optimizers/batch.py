@@ -307,23 +307,25 @@ class TrainBatch:
         Returns:
             A scalar tensor.
         """
+        values = [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
+        return self._stateless_loss(values, self.x, self.y, self.sample_weight)[0]
+
+    def _stateless_loss(self, values, x, y, sample_weight) -> tuple[tf.Tensor, Any]:
+        """``(loss, outputs)`` of a stateless training-mode pass on ``x`` at ``values``."""
         model = self.model
-        if self.x is None:
+        if x is None:
             raise ValueError(
-                "loss_at() needs the step's inputs, and this train step called "
+                "loss_at() and subset() need the step's inputs, and this train step called "
                 "`compute_loss` without `x` and without calling the model on them."
             )
-        values = [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
         if self.loss_function is not None:
-            outputs, losses = stateless_outputs(
-                model, values, self.x, training=True, return_losses=True
-            )
-            loss = self.loss_function(self.y, outputs, self.sample_weight)
+            outputs, losses = stateless_outputs(model, values, x, training=True, return_losses=True)
+            loss = self.loss_function(y, outputs, sample_weight)
             if losses:
                 regularization = tf.add_n([tf.cast(r, loss.dtype) for r in losses])
                 loss = loss + replica_share(regularization, self.num_replicas)
-            return loss
-        outputs = stateless_outputs(model, values, self.x, training=True)
+            return loss, outputs
+        outputs = stateless_outputs(model, values, x, training=True)
         non_trainable = [v.value for v in model.non_trainable_variables]
         metrics = [v.value for v in model.metrics_variables]
         with recording_paused():
@@ -331,13 +333,65 @@ class TrainBatch:
                 values,
                 non_trainable,
                 metrics,
-                x=self.x,
-                y=self.y,
+                x=x,
+                y=y,
                 y_pred=outputs,
-                sample_weight=self.sample_weight,
+                sample_weight=sample_weight,
                 training=True,
             )
-        return loss
+        return loss, outputs
+
+    def subset(self, size: int) -> TrainBatch:
+        """The first ``size`` samples of this batch, as a batch of their own.
+
+        Its forward pass is run again on those samples, statelessly and in training mode
+        (as for :meth:`loss_at`), at the values this replica's pass read
+        (:meth:`handles`), so that its products differentiate that new pass: a smaller
+        batch for curvature statistics (``SketchySGD``'s ``hessian_batch_size``). Random
+        layers draw their own numbers there, and BatchNormalization normalises with the
+        sub-batch's statistics. Built once per size; call it under :meth:`step_graph`.
+
+        Args:
+            size: Number of samples (per replica), ≥ 1; a batch with fewer keeps all.
+
+        Returns:
+            A :class:`TrainBatch` whose ``loss`` is the compiled loss on those samples
+            (regularization included), with the same variables and loss scale.
+        """
+        key = ("subset", int(size))
+        if key not in self._cache:
+            if self.replicas is None:
+                self._cache[key] = self._subset_alone(int(size))
+            else:
+                parts = [replica._subset_alone(int(size)) for replica in self.replicas]
+                for replica, part in zip(self.replicas, parts):
+                    part.replicas = parts
+                    replica._cache[key] = part
+        return self._cache[key]
+
+    def _subset_alone(self, size: int) -> TrainBatch:
+        def head(structure):
+            if structure is None:
+                return None
+            return tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:size], structure)
+
+        x, y, weights = head(self.x), head(self.y), head(self.sample_weight)
+        with self.step_graph():
+            loss, outputs = self._stateless_loss(self.handles(), x, y, weights)
+        return TrainBatch(
+            model=self.model,
+            x=x,
+            y=y,
+            y_pred=outputs,
+            sample_weight=weights,
+            loss=loss,
+            variables=self.variables,
+            loss_scale=self.loss_scale,
+            replica_id=self.replica_id,
+            num_replicas=self.num_replicas,
+            device=self.device,
+            loss_function=self.loss_function,
+        )
 
     def loss_and_gradient(self, values: Sequence[tf.Tensor]) -> tuple[tf.Tensor, list]:
         """:meth:`loss_at` ``values`` and its gradient with respect to them (dense).
@@ -373,4 +427,3 @@ class TrainBatch:
             for c, g in zip(self.layer_calls, grads)
             if g is not None
         ]
-

@@ -151,6 +151,7 @@ def replica_statistics(
     state: tuple[list[tf.Tensor], tf.Tensor, tf.Tensor],
     gamma: float,
     gradients: Callable[[TrainBatch], list[tf.Tensor]],
+    gauss_newton_quotients: bool = False,
 ) -> Generator[Any, Any, dict]:
     """One replica's statistics; yields per-replica sums and receives replica totals.
 
@@ -164,11 +165,14 @@ def replica_statistics(
         gamma: The EMA decay.
         gradients: The replica's gradient as ``update_step`` will see it (unscaled,
             clipped), per variable.
+        gauss_newton_quotients: Also return ``quotients``, the diagonal of
+            ``V G_B Vᵀ`` for the step's directions (a diagnostic; computed for
+            ``"paper"`` only when asked, the Gauss–Newton modes have it anyway).
 
     Returns:
         ``present``, the absorbed state (``sums``, ``curvature_sq``, ``steps``), the
         derived ``curvature`` and ``directions`` and ``alive``, ``projections``
-        (replica-summed), and ``block`` for the Gauss–Newton modes.
+        (replica-summed), ``block`` for the Gauss–Newton modes and ``quotients``.
     """
     scores = tf.cast(class_scores(batch.model, batch.y_pred), dtype)
     probs = tf.nn.softmax(scores, axis=-1)
@@ -224,6 +228,14 @@ def replica_statistics(
         sums, curvature_sq, steps, class_grads, batch_curvature, present, gamma
     )
     _, curvature, directions, alive = csm.derived(sums, curvature_sq, steps, gamma)
+    quotients = None if block is None else tf.linalg.diag_part(block)
+    if gauss_newton_quotients and block is None:
+        dummy = gate.enter(tf.zeros_like(scores))
+        rows = [gate.enter(d) for d in directions]
+        quotients = gauss_newton_block(
+            handles, scores, dummy, probs, weights, size, rows, num_classes, dtype
+        )
+        quotients = yield gate.exit(tf.linalg.diag_part(quotients))
     projections = yield csm.per_class_dot(directions, gradients(batch), dtype)
     return {
         "present": present,
@@ -235,4 +247,5 @@ def replica_statistics(
         "alive": alive,
         "projections": projections,
         "block": block,
+        "quotients": quotients,
     }

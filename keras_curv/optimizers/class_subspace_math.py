@@ -154,11 +154,47 @@ def effective_curvature(
     return curvature
 
 
+def diagonal_parts(curvature: tf.Tensor, projections: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eq. 13–15 split in two: Newton ``n_k = v_kᵀg / λ_k`` and projection ``b_k = v_kᵀg``.
+
+    The step is ``d = η g + Σ_k (n_k − η b_k) v_k``: the Newton part ``Σ_k n_k v_k`` and
+    the complement (SGD) part ``η (g − Σ_k b_k v_k)`` (``curvature`` already damped).
+    """
+    return projections / curvature, projections
+
+
+def exact_parts(
+    gram: tf.Tensor, curvature: tf.Tensor, projections: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``inverse="exact"``: ``n = (S Λ S)⁺ Vᵀ g`` and ``b = S⁺ Vᵀ g`` with ``S = VᵀV``.
+
+    The Newton part ``(V Λ Vᵀ)⁺ g = V n`` and the exact projection
+    ``(I − V S⁺ Vᵀ) g = g − V b`` of the SGD part, reduced to C x C matrices.
+    """
+    newton = sym_pinv(tf.matmul(gram * curvature[None, :], gram))
+    return tf.linalg.matvec(newton, projections), tf.linalg.matvec(sym_pinv(gram), projections)
+
+
+def projected_newton_parts(
+    gram: tf.Tensor, block: tf.Tensor, damping: tf.Tensor, projections: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``"projected_newton"``: ``n = (K + δI)⁺ Vᵀ g`` with ``K = Vᵀ G V``, ``b = S⁺ Vᵀ g``."""
+    eye = tf.eye(tf.shape(block)[0], dtype=block.dtype)
+    newton = sym_pinv(block + tf.cast(damping, block.dtype) * eye)
+    return tf.linalg.matvec(newton, projections), tf.linalg.matvec(sym_pinv(gram), projections)
+
+
+def coefficients(parts: tuple[tf.Tensor, tf.Tensor], learning_rate: tf.Tensor) -> tf.Tensor:
+    """``a = n − η b``: the coefficients of the whole step ``d = η g + Σ_k a_k v_k``."""
+    newton, projection = parts
+    return newton - learning_rate * projection
+
+
 def diagonal_coefficients(
     curvature: tf.Tensor, projections: tf.Tensor, learning_rate: tf.Tensor
 ) -> tf.Tensor:
     """Eq. 15: ``a_k = (1/λ_k − η) v_kᵀ g`` (``curvature`` already damped)."""
-    return (1.0 / curvature - learning_rate) * projections
+    return coefficients(diagonal_parts(curvature, projections), learning_rate)
 
 
 def flat_directions(directions: Sequence[tf.Tensor], num_classes: int) -> tf.Tensor:
@@ -167,29 +203,81 @@ def flat_directions(directions: Sequence[tf.Tensor], num_classes: int) -> tf.Ten
     return tf.concat([tf.reshape(tf.cast(d, dtype), [num_classes, -1]) for d in directions], 1)
 
 
-def exact_coefficients(
-    gram: tf.Tensor, curvature: tf.Tensor, projections: tf.Tensor, learning_rate: tf.Tensor
-) -> tf.Tensor:
-    """``inverse="exact"``: ``a = ((S Λ S)⁺ − η S⁺) Vᵀ g`` with ``S = VᵀV``.
+def direction_overlap(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """How far unit directions are from orthonormal, from their Gram matrix ``S = VᵀV``.
 
-    The Newton part ``(V Λ Vᵀ)⁺ g`` and the exact projection ``I − V S⁺ Vᵀ`` of the SGD
-    part, reduced to C x C matrices.
+    Returns:
+        ``(max_cosine, min_complement_eigenvalue)``: the largest ``|cos(v_i, v_j)|``,
+        i ≠ j, and the smallest eigenvalue ``1 − σ_max(S)`` of ``I − Σ_k v_k v_kᵀ``
+        (0 for orthonormal directions, where it is a projection; negative otherwise, as
+        low as ``1 − C`` for parallel ones: the "SGD part" then climbs along them).
     """
-    newton = sym_pinv(tf.matmul(gram * curvature[None, :], gram))
-    return tf.linalg.matvec(newton - learning_rate * sym_pinv(gram), projections)
+    off = tf.abs(gram) * (1.0 - tf.eye(tf.shape(gram)[0], dtype=gram.dtype))
+    symmetric = 0.5 * (gram + tf.transpose(gram))
+    return tf.reduce_max(off), 1.0 - tf.reduce_max(tf.linalg.eigvalsh(symmetric))
 
 
-def projected_newton_coefficients(
-    gram: tf.Tensor,
-    block: tf.Tensor,
-    damping: tf.Tensor,
-    projections: tf.Tensor,
-    learning_rate: tf.Tensor,
-) -> tf.Tensor:
-    """``"projected_newton"``: ``a = ((K + δI)⁺ − η S⁺) Vᵀ g`` with ``K = Vᵀ G V``."""
-    eye = tf.eye(tf.shape(block)[0], dtype=block.dtype)
-    newton = sym_pinv(block + tf.cast(damping, block.dtype) * eye)
-    return tf.linalg.matvec(newton - learning_rate * sym_pinv(gram), projections)
+# ------------------------------------------------------------------ eigen directions
+
+
+def cross_gram(left: Sequence[tf.Tensor], right: Sequence[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    """``M_ij = Σ_variables <left[i], right[j]>`` for ``(C, *shape)`` tensors -> ``(C, C)``."""
+    return tf.add_n(
+        [
+            tf.matmul(
+                tf.reshape(tf.cast(a, dtype), [tf.shape(a)[0], -1]),
+                tf.reshape(tf.cast(b, dtype), [tf.shape(b)[0], -1]),
+                transpose_b=True,
+            )
+            for a, b in zip(left, right)
+        ]
+    )
+
+
+def combine_rows(matrix: tf.Tensor, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """Rows ``out[i] = Σ_j matrix[i, j] tensors[j]``, per ``(C, *shape)`` variable."""
+    return [tf.tensordot(tf.cast(matrix, t.dtype), t, 1) for t in tensors]
+
+
+def orthonormal_rows(
+    tensors: Sequence[tf.Tensor], dtype: tf.DType, rtol: float = 1e-6
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """An orthonormal basis of the span of the rows (flat over all variables).
+
+    ``S = W diag(σ) Wᵀ`` is the eigendecomposition of the rows' Gram matrix; the rows of
+    ``diag(σ)^{-1/2} Wᵀ T`` are orthonormal. Directions with ``σ ≤ rtol · σ_max`` (a
+    rank-deficient block) become zero rows.
+
+    Returns:
+        ``(rows, alive)``: per-variable ``(C, *shape)`` rows and a boolean ``(C,)``.
+    """
+    gram = cross_gram(tensors, tensors, dtype)
+    gram = tf.where(tf.math.is_finite(gram), gram, tf.zeros_like(gram))
+    values, vectors = tf.linalg.eigh(0.5 * (gram + tf.transpose(gram)))
+    alive = values > tf.reduce_max(values) * tf.constant(rtol, dtype)
+    scale = tf.where(alive, tf.math.rsqrt(tf.where(alive, values, tf.ones_like(values))), 0.0)
+    return combine_rows(tf.transpose(vectors) * scale[:, None], tensors), alive
+
+
+def rayleigh_ritz(
+    basis: Sequence[tf.Tensor], products: Sequence[tf.Tensor], dtype: tf.DType
+) -> tuple[tf.Tensor, list[tf.Tensor], list[tf.Tensor]]:
+    """Ritz pairs of an operator ``A`` on the span of orthonormal rows ``Q``, given ``Y = A Q``.
+
+    ``H = Q A Qᵀ = S Θ Sᵀ``; the Ritz vectors are the rows of ``Sᵀ Q`` and their exact
+    Rayleigh quotients ``u_kᵀ A u_k`` are ``Θ``. Sorted by decreasing ``|θ|`` (the order
+    in which subspace iteration finds eigenvalues).
+
+    Returns:
+        ``(theta, ritz_vectors, ritz_products)``: ``(C,)`` and per-variable rows of
+        ``Sᵀ Q`` and ``Sᵀ Y = A Sᵀ Q`` (the next subspace iterate's span).
+    """
+    block = cross_gram(basis, products, dtype)
+    block = tf.where(tf.math.is_finite(block), block, tf.zeros_like(block))
+    theta, vectors = tf.linalg.eigh(0.5 * (block + tf.transpose(block)))
+    order = tf.argsort(tf.abs(theta), direction="DESCENDING", stable=True)
+    theta, rotation = tf.gather(theta, order), tf.transpose(tf.gather(vectors, order, axis=1))
+    return theta, combine_rows(rotation, basis), combine_rows(rotation, products)
 
 
 def subspace_step(
@@ -204,3 +292,8 @@ def subspace_step(
     return tf.cast(learning_rate, dtype) * gradient + tf.tensordot(
         tf.cast(coefficients, dtype), direction, 1
     )
+
+
+def newton_step(newton: tf.Tensor, direction: tf.Tensor) -> tf.Tensor:
+    """One variable's Newton part ``Σ_k n_k v_k`` (``direction`` is ``(C, *shape)``)."""
+    return tf.tensordot(tf.cast(newton, direction.dtype), direction, 1)

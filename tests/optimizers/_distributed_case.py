@@ -46,8 +46,16 @@ CASES = {
         "float64",
         True,
     ),
-    "csn_paper_f64": (lambda: ClassSubspaceNewton(0.05, damping=0.1), "float64", False),
-    "csn_paper_f32": (lambda: ClassSubspaceNewton(0.05, damping=0.1), "float32", False),
+    "csn_paper_f64": (
+        lambda: ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
+        "float64",
+        False,
+    ),
+    "csn_paper_f32": (
+        lambda: ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
+        "float32",
+        False,
+    ),
     "csn_gauss_newton_weighted": (
         lambda: ClassSubspaceNewton(0.05, curvature="gauss_newton", momentum=0.5, num_classes=3),
         "float64",
@@ -61,7 +69,9 @@ CASES = {
         True,
     ),
     "csn_paper_loss_scaled_f64": (
-        lambda: keras.optimizers.LossScaleOptimizer(ClassSubspaceNewton(0.05, damping=0.1)),
+        lambda: keras.optimizers.LossScaleOptimizer(
+            ClassSubspaceNewton(0.05, curvature="paper", damping=0.1)
+        ),
         "float64",
         False,
     ),
@@ -75,12 +85,12 @@ CASES = {
     "adahessian_mixed_float16": (lambda: AdaHessian(0.05, seed=3), "mixed_float16", False),
     "adahessian_mixed_bfloat16": (lambda: AdaHessian(0.05, seed=3), "mixed_bfloat16", False),
     "csn_paper_mixed_float16": (
-        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        lambda: ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
         "mixed_float16",
         False,
     ),
     "csn_paper_mixed_bfloat16": (
-        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        lambda: ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
         "mixed_bfloat16",
         False,
     ),
@@ -96,7 +106,7 @@ CASES = {
     ),
     # 49 samples: the last global batch has one sample, and the second replica none.
     "csn_paper_short_last_batch_f64": (
-        lambda: ClassSubspaceNewton(0.05, damping=0.1),
+        lambda: ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
         "float64",
         True,
         49,

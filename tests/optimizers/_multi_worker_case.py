@@ -43,7 +43,7 @@ from keras_curv._internal.keras_privates import build_from_a_local_batch  # noqa
 
 OPTIMIZERS = {
     "adahessian": lambda: keras_curv.AdaHessian(0.05, seed=3),
-    "csn": lambda: keras_curv.ClassSubspaceNewton(0.05, damping=0.1),
+    "csn": lambda: keras_curv.ClassSubspaceNewton(0.05, curvature="paper", damping=0.1),
     "sgd": lambda: keras.optimizers.SGD(0.1),
 }
 # name -> (optimizer, path, dtype policy)

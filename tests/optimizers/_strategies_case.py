@@ -35,7 +35,7 @@ OPTIMIZERS = {
     "sgd": lambda: keras.optimizers.SGD(0.1),
     "adam": lambda: keras.optimizers.Adam(0.01),
     "adahessian": lambda: AdaHessian(0.05, seed=1),
-    "csn": lambda: ClassSubspaceNewton(0.05),
+    "csn": lambda: ClassSubspaceNewton(0.05, curvature="paper"),
 }
 # name -> [(optimizer, hidden width), ...], one new strategy and model per entry.
 SEQUENCES = {

@@ -67,15 +67,18 @@ def test_coefficients_against_dense_linear_algebra():
     np.testing.assert_allclose(diagonal, (1 / lam - lr) * (V @ g), rtol=1e-15)
     # inverse="exact": the step lr g + V a equals lr P g + (V diag(lam) V^T)^+ g.
     gram = tf.constant(V @ V.T)
-    exact = csm.exact_coefficients(gram, tf.constant(lam), projections, tf.constant(lr, tf.float64))
+    exact = csm.coefficients(
+        csm.exact_parts(gram, tf.constant(lam), projections), tf.constant(lr, tf.float64)
+    )
     projector = np.eye(7) - V.T @ np.linalg.pinv(V @ V.T) @ V
     expected = lr * projector @ g + np.linalg.pinv(V.T @ np.diag(lam) @ V) @ g
     np.testing.assert_allclose(lr * g + V.T @ exact.numpy(), expected, rtol=1e-9, atol=1e-12)
     # projected_newton: Newton on the C x C block K, damped.
     K = rng.normal(size=(3, 3))
     K = K @ K.T
-    projected = csm.projected_newton_coefficients(
-        gram, tf.constant(K), tf.constant(0.3, tf.float64), projections, tf.constant(lr, tf.float64)
+    projected = csm.coefficients(
+        csm.projected_newton_parts(gram, tf.constant(K), tf.constant(0.3, tf.float64), projections),
+        tf.constant(lr, tf.float64),
     )
     newton = V.T @ np.linalg.inv(K + 0.3 * np.eye(3)) @ V @ g
     np.testing.assert_allclose(
@@ -134,3 +137,92 @@ def test_one_curvature_step_and_config_round_trip(curvature):
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ClassSubspaceNewton(**kwargs)
+
+
+def test_direction_overlap_against_numpy():
+    rng = np.random.default_rng(2)
+    rows = rng.normal(size=(4, 9)) + 2.0  # a shared component: far from orthogonal
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    gram = rows @ rows.T
+    max_cosine, min_eigenvalue = csm.direction_overlap(tf.constant(gram))
+    off = np.abs(gram - np.diag(np.diag(gram)))
+    np.testing.assert_allclose(max_cosine, off.max(), rtol=1e-14)
+    dense = np.eye(9) - rows.T @ rows  # I - sum_k v_k v_k^T in R^9
+    np.testing.assert_allclose(min_eigenvalue, np.linalg.eigvalsh(dense).min(), atol=1e-12)
+    assert float(min_eigenvalue) < -1.0  # no projection: the "SGD part" climbs here
+    q, _ = np.linalg.qr(rng.normal(size=(9, 4)))
+    _, orthonormal = csm.direction_overlap(tf.constant(q.T @ q))
+    np.testing.assert_allclose(orthonormal, 0.0, atol=1e-12)
+
+
+def _split(rows, shapes=((3, 2), (4,))):
+    """(C, 10) rows -> per-variable (C, 3, 2) and (C, 4) tensors (the optimizer's layout)."""
+    return [tf.constant(rows[:, :6].reshape(-1, *shapes[0])), tf.constant(rows[:, 6:])]
+
+
+def _join(tensors):
+    return np.concatenate([np.reshape(t, (t.shape[0], -1)) for t in tensors], 1)
+
+
+def test_orthonormal_rows_spans_the_rows_and_drops_lost_rank():
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(3, 10))
+    rows[2] = rows[0] - 2 * rows[1]  # rank 2
+    out, alive = csm.orthonormal_rows(_split(rows), tf.float64)
+    basis = _join(out)
+    assert alive.numpy().sum() == 2
+    np.testing.assert_allclose(basis @ basis.T, np.diag(alive.numpy().astype(float)), atol=1e-12)
+    # Same span: projecting the input rows onto the basis reproduces them.
+    np.testing.assert_allclose(rows @ basis.T @ basis, rows, atol=1e-10)
+
+
+def test_rayleigh_ritz_against_dense_eigh():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(10, 10))
+    a = a + a.T
+    q, _ = np.linalg.qr(rng.normal(size=(10, 3)))
+    basis = _split(q.T)
+    products = _split(q.T @ a)  # rows (A q_k)^T
+    theta, ritz, ritz_products = csm.rayleigh_ritz(basis, products, tf.float64)
+    expected = np.linalg.eigvalsh(q.T @ a @ q)
+    np.testing.assert_allclose(theta, expected[np.argsort(-np.abs(expected))], rtol=1e-12)
+    u = _join(ritz)
+    np.testing.assert_allclose(np.einsum("kd,de,ke->k", u, a, u), theta, rtol=1e-10)
+    np.testing.assert_allclose(u @ u.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(_join(ritz_products), u @ a, atol=1e-12)
+
+
+def test_subspace_iteration_with_these_pieces_finds_the_top_eigenvectors():
+    """orth -> product -> Rayleigh-Ritz, repeated: the top-3 eigenpairs of a known spectrum."""
+    rng = np.random.default_rng(5)
+    vectors, _ = np.linalg.qr(rng.normal(size=(10, 10)))
+    values = np.array([9.0, 7.0, 5.0] + [0.5] * 7)
+    a = vectors @ np.diag(values) @ vectors.T
+    block = _split(rng.normal(size=(3, 10)))
+    for _ in range(25):
+        basis, _ = csm.orthonormal_rows(block, tf.float64)
+        products = _split(_join(basis) @ a)
+        theta, ritz, ritz_products = csm.rayleigh_ritz(basis, products, tf.float64)
+        block = ritz_products
+    np.testing.assert_allclose(theta, [9.0, 7.0, 5.0], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(_join(ritz) @ vectors[:, :3]), np.eye(3), atol=1e-6)
+
+
+def test_the_parts_add_up_to_the_step():
+    rng = np.random.default_rng(6)
+    rows = rng.normal(size=(3, 10))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    g = rng.normal(size=10)
+    lam = np.array([0.5, 2.0, 4.0])
+    newton, projection = csm.diagonal_parts(tf.constant(lam), tf.constant(rows @ g))
+    np.testing.assert_allclose(newton, rows @ g / lam, rtol=1e-15)
+    directions = _split(rows)
+    gradient = _split(g[None])
+    full = [
+        csm.subspace_step(gr[0], csm.coefficients((newton, projection), 0.1), d, 0.1)
+        for gr, d in zip(gradient, directions)
+    ]
+    newton_part = [csm.newton_step(newton, d) for d in directions]
+    np.testing.assert_allclose(_join([n[None] for n in newton_part])[0], (rows @ g / lam) @ rows)
+    complement = _join([f[None] - n[None] for f, n in zip(full, newton_part)])[0]
+    np.testing.assert_allclose(complement, 0.1 * (g - (rows @ g) @ rows), atol=1e-14)

@@ -65,6 +65,7 @@ def numpy_csn(
     damping=0.0,
     max_inv=None,
     update_each=1,
+    momentum_on="step",
 ):
     """Eq. 15-17 (and the documented options) on a linear softmax model, step by step."""
     dim = theta.size
@@ -129,11 +130,17 @@ def numpy_csn(
         elif inverse == "exact":
             M = V.T @ np.diag(lam_eff) @ V
             P = np.eye(dim) - V.T @ np.linalg.pinv(V @ V.T) @ V
-            d = lr * P @ g + np.linalg.pinv(M) @ g
+            newton = np.linalg.pinv(M) @ g
+            d = lr * P @ g + newton
         else:
+            newton = ((V @ g) / lam_eff) @ V
             d = lr * g + ((1 / lam_eff - lr) * (V @ g)) @ V
-        buf = momentum * buf + d
-        theta = theta - buf
+        if momentum_on == "step":
+            buf = momentum * buf + d
+            theta = theta - buf
+        else:  # heavy ball on the SGD part only
+            buf = momentum * buf + (d - newton)
+            theta = theta - buf - newton
         history.append({"lam": lam, "V": V})
     return theta, history
 
@@ -187,7 +194,7 @@ def _fit_and_compare(
     y = y0 if y is None else y
     model = _linear_model(softmax)
     theta0 = _theta(model)
-    opt = ClassSubspaceNewton(learning_rate=lr, **opt_kwargs)
+    opt = ClassSubspaceNewton(learning_rate=lr, **{"curvature": "paper", **opt_kwargs})
     # Keras losses compute in floatx unless told otherwise.
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax, dtype="float64")
     labels = y
@@ -251,6 +258,34 @@ def test_golden_eq_15_17(softmax):
             {"curvature": "projected_newton", "damping": 1 / float(np.float32(0.1))},
         ),
         ({"curvature": "gauss_newton", "damping": None}, {"curvature": "gauss_newton"}),
+        (
+            {"curvature": "gauss_newton", "momentum": 0.9, "momentum_on": "complement"},
+            {"curvature": "gauss_newton", "momentum": 0.9, "momentum_on": "complement"},
+        ),
+        (
+            {"inverse": "exact", "damping": 0.5, "momentum": 0.9, "momentum_on": "complement"},
+            {"inverse": "exact", "damping": 0.5, "momentum": 0.9, "momentum_on": "complement"},
+        ),
+        (
+            {"curvature": "projected_newton", "momentum": 0.9, "momentum_on": "complement"},
+            {
+                "curvature": "projected_newton",
+                "damping": 1 / float(np.float32(0.1)),
+                "momentum": 0.9,
+                "momentum_on": "complement",
+            },
+        ),
+        (  # the default momentum_on for every curvature but "paper"
+            {"curvature": "projected_newton", "damping": 2.0, "momentum": 0.9},
+            {
+                "curvature": "projected_newton",
+                "damping": 2.0,
+                "momentum": 0.9,
+                "momentum_on": "complement",
+            },
+        ),
+        ({"diagnostics": True}, {}),
+        ({"curvature": "gauss_newton", "diagnostics": True}, {"curvature": "gauss_newton"}),
     ],
     ids=[
         "momentum",
@@ -262,6 +297,12 @@ def test_golden_eq_15_17(softmax):
         "projected",
         "projected-default-damping",
         "gn-default-damping",
+        "gn-momentum-complement",
+        "exact-momentum-complement",
+        "projected-momentum-complement",
+        "projected-momentum-default",
+        "diagnostics-change-nothing",
+        "gn-diagnostics-change-nothing",
     ],
 )
 def test_golden_options(opt_kwargs, ref_kwargs):
@@ -365,7 +406,7 @@ def test_notes_eq17_diverges_where_gauss_newton_converges():
     """NOTES.md: eq. 17 underestimates the curvature early on; at eta=0.1 the paper update
     diverges on a 3-class softmax regression, the calibrated Gauss-Newton one does not."""
     x, y = _softmax_regression_problem()
-    start, paper = _train_losses(ClassSubspaceNewton(0.1), x, y)
+    start, paper = _train_losses(ClassSubspaceNewton(0.1, curvature="paper"), x, y)
     _, calibrated = _train_losses(ClassSubspaceNewton(0.1, curvature="gauss_newton"), x, y)
     assert start == pytest.approx(np.log(3), rel=1e-5)
     assert paper > 1.5 * start  # diverged
@@ -422,7 +463,7 @@ def _digits_model(kind, softmax_dtype=None):
 
 # Settings that train every variant of a small MLP (the paper's momentum 0.9; a unit
 # damping keeps early Newton steps of the paper's curvature in check).
-_TRAINS = {"learning_rate": 0.05, "momentum": 0.9, "damping": 1.0}
+_TRAINS = {"learning_rate": 0.05, "momentum": 0.9, "damping": 1.0, "curvature": "paper"}
 
 
 @pytest.mark.slow
@@ -447,7 +488,7 @@ def test_digits_training(digits, kind, jit, spe, opt_kwargs):
     x, y = digits
     model = _digits_model(kind)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=kind != "functional")
-    opt = ClassSubspaceNewton(**_TRAINS, **opt_kwargs)
+    opt = ClassSubspaceNewton(**{**_TRAINS, **opt_kwargs})
     model.compile(
         optimizer=opt, loss=loss, metrics=["accuracy"], jit_compile=jit, steps_per_execution=spe
     )
@@ -468,7 +509,7 @@ def test_mixed_float16(digits):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = _digits_model("functional", softmax_dtype="float32")
-        opt = ClassSubspaceNewton(**_TRAINS, curvature="gauss_newton")
+        opt = ClassSubspaceNewton(**{**_TRAINS, "curvature": "gauss_newton"})
         model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         start = model.evaluate(x, y, verbose=0)[0]
@@ -504,6 +545,30 @@ def test_keras_features_schedule_clipnorm_weight_decay_ema(digits):
 
 
 @pytest.mark.slow
+def test_the_default_is_the_variant_that_trains():
+    opt = ClassSubspaceNewton()
+    assert (opt.curvature, opt.momentum_on, opt.damping) == ("projected_newton", "complement", None)
+    assert ClassSubspaceNewton(curvature="paper", momentum=0.9).momentum_on == "step"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp", "two_input", "lstm", "batchnorm_cnn"])
+def test_the_defaults_train_where_eq_17_diverges(name):
+    """[8/8]: ``ClassSubspaceNewton()`` lowers the loss in its first epoch where the
+    paper's eq. 15-17 at the same settings raised it (MLP: loss 2e6, two-input: NaN,
+    LSTM: 382). The BatchNorm CNN does not move in one epoch at lr 0.1 with SGD either
+    (2.3025 -> 2.3029, measured): there the default must do as well as SGD."""
+    from tests.architectures import first_epoch
+
+    result = first_epoch(name, ClassSubspaceNewton())
+    assert np.isfinite(result["final"]), result
+    if name == "batchnorm_cnn":
+        sgd = first_epoch(name, keras.optimizers.SGD(0.1))
+        assert result["final"] < sgd["final"] + 0.01, (result, sgd)
+    else:
+        assert result["final"] < result["initial"], result
+
+
 def test_projected_newton_trains_out_of_the_box(digits):
     """The default damping (1/lr) makes the default projected_newton train.
 
@@ -578,7 +643,7 @@ def test_eager_apply_gradients_raises_and_curvature_step_works():
     # The explicit path equals the golden NumPy transcription too.
     model = _linear_model()
     theta0 = _theta(model)
-    opt = ClassSubspaceNewton(0.1)
+    opt = ClassSubspaceNewton(0.1, curvature="paper")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     batches = []
     for start in (0, 6, 12):

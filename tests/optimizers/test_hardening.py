@@ -133,7 +133,7 @@ def _classifier(seed=0):
 
 _OPTIMIZERS = {
     "adahessian": lambda: AdaHessian(0.05, seed=1, use_ema=True),
-    "csn": lambda: ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1),
+    "csn": lambda: ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1, curvature="paper"),
 }
 
 
@@ -203,7 +203,7 @@ def test_csn_skip_equals_training_without_the_bad_batch():
     for xs, ys in ((x, y), (x[keep], y[keep])):
         model = _classifier()
         model.compile(
-            optimizer=ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1),
+            optimizer=ClassSubspaceNewton(0.05, momentum=0.5, damping=0.1, curvature="paper"),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         model.fit(xs, ys, batch_size=4, shuffle=False, verbose=0)
@@ -274,7 +274,7 @@ def test_csn_underflowing_curvature_takes_no_infinite_step():
     g = np.concatenate([t.numpy().ravel() for t in grads]).astype(np.float64)
     theta0 = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
 
-    model.compile(optimizer=ClassSubspaceNewton(lr), loss=loss)
+    model.compile(optimizer=ClassSubspaceNewton(lr, curvature="paper"), loss=loss)
     model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
     opt = model.optimizer
     curvature = opt.class_curvatures.numpy()

@@ -48,12 +48,13 @@ def test_adahessian_operators_follow_its_state():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"damping": 0.5},
-        {"inverse": "exact", "damping": 0.5},
+        {"curvature": "paper", "damping": 0.5},
+        {"curvature": "paper", "inverse": "exact", "damping": 0.5},
         {"curvature": "projected_newton"},
         {"curvature": "gauss_newton", "max_inverse_curvature": 2.0},
+        {"directions": "eigen", "eigen_tolerance": None},
     ],
-    ids=["diagonal", "exact", "projected_newton", "gauss_newton_capped"],
+    ids=["diagonal", "exact", "projected_newton", "gauss_newton_capped", "eigen"],
 )
 def test_csn_preconditioner_reproduces_its_step(kwargs):
     """d = lr P⁻¹ g, with d from the optimizer's own coefficient code at its state."""
@@ -70,7 +71,8 @@ def test_csn_preconditioner_reproduces_its_step(kwargs):
     }
     projected = kwargs.get("curvature") == "projected_newton"
     block = tf.convert_to_tensor(optimizer._subspace_curvature) if projected else None
-    a = optimizer._coefficients(stats, block, tf.constant(lr, tf.float64)).numpy()
+    rate = tf.constant(lr, tf.float64)
+    a = csm.coefficients(optimizer._parts(stats, block, rate), rate).numpy()
     step = lr * g + rows.numpy().T @ a
     p_inverse = optimizer.preconditioner().power(-1)
     np.testing.assert_allclose(lr * p_inverse.matvec(g).numpy(), step, rtol=1e-8, atol=1e-12)
