@@ -8,7 +8,9 @@ r"""Structured curvature operators with closed-form powers: the shapes precondit
 * :class:`LowRankPlusDiagonal` :math:`D + U M U^\top` (ClassSubspaceNewton's class
   subspace, a Nyström sketch);
 * :class:`BlockDiagonalOperator`: one operator per consecutive slice of the flat
-  parameter vector (one per variable or layer).
+  parameter vector (one per variable or layer);
+* :class:`PermutedOperator` :math:`\Pi^\top A \Pi`: an operator on the entries of the
+  flat vector taken in another order (Shampoo's blocks cut along a matrix's columns).
 
 Each has :meth:`~keras_curv.curvature.LinearOperator.power`, so that
 :math:`P^{-1/2}` of a preconditioner :math:`P` is ``P.power(-0.5)``. Fractional and
@@ -313,3 +315,50 @@ class BlockDiagonalOperator(LinearOperator):
 
     def power(self, p: float) -> LinearOperator:
         return BlockDiagonalOperator([b.power(p) for b in self.blocks])
+
+
+class PermutedOperator(LinearOperator):
+    r"""``Πᵀ A Π`` with ``(Π v)_i = v[permutation[i]]``: ``A`` on the reordered entries.
+
+    A block-diagonal operator over blocks that are not consecutive in the flat layout
+    (the column blocks of a row-major matrix) is
+    ``PermutedOperator(BlockDiagonalOperator(blocks), order)``, ``order`` the flat
+    indices of the first block's entries, then the second's... Its powers are
+    ``Πᵀ A^p Π``.
+
+    Args:
+        operator: ``A``.
+        permutation: A permutation of ``range(A.dim)``.
+
+    Example:
+        >>> P = PermutedOperator(DiagonalOperator([1.0, 2.0, 3.0]), [2, 0, 1])
+        >>> np.diag(P.to_dense())
+        array([2., 3., 1.], dtype=float32)
+    """
+
+    def __init__(self, operator: LinearOperator, permutation: Any):
+        if not isinstance(operator, LinearOperator):
+            raise ValueError(f"`operator` must be a LinearOperator; got {type(operator).__name__}.")
+        order = np.asarray(permutation)
+        if order.shape != (operator.dim,) or not np.array_equal(
+            np.sort(order), np.arange(operator.dim)
+        ):
+            raise ValueError(
+                f"`permutation` must be a permutation of range({operator.dim}); got shape "
+                f"{order.shape} with entries {order[:8].tolist()}..."
+            )
+        super().__init__(operator.dim, operator.dtype)
+        self.operator = operator
+        self.permutation = order.astype(np.int64)
+        self.symmetric = operator.symmetric
+        self._inverse = np.argsort(self.permutation).astype(np.int64)
+
+    def _matmat(self, block):
+        inner = self.operator.matmat(tf.gather(block, self.permutation, axis=0))
+        return tf.gather(tf.cast(inner, self.dtype), self._inverse, axis=0)
+
+    def _matvec(self, v):
+        return self._matmat(v[:, None])[:, 0]
+
+    def power(self, p: float) -> LinearOperator:
+        return PermutedOperator(self.operator.power(p), self.permutation)
