@@ -36,6 +36,8 @@ def nystrom_factors(test_matrix: tf.Tensor, sketch: tf.Tensor) -> tuple[tf.Tenso
     Cholesky factor, restricted to its positive eigenvalues: identical for PSD ``A``,
     and no failure (a PSD approximation of the positive part) for an indefinite one.
     ``Â ⪯ A`` and rank ``Â ≤ s``; costs ``O(dim · s²)`` beyond the ``s`` products.
+    A non-finite ``Ω`` or ``Y`` (or a core that overflows) gives NaN eigenvalues, not
+    an error: the caller keeps its previous approximation.
 
     Args:
         test_matrix: ``Ω``, shape ``(dim, s)``, orthonormal columns (the QR factor of a
@@ -43,8 +45,8 @@ def nystrom_factors(test_matrix: tf.Tensor, sketch: tf.Tensor) -> tuple[tf.Tenso
         sketch: ``Y = A Ω``, shape ``(dim, s)``, same dtype.
 
     Returns:
-        ``(eigenvalues, eigenvectors)``: ``(s,)`` non-negative and descending, and
-        ``(dim, s)`` orthonormal columns.
+        ``(eigenvalues, eigenvectors)``: ``(s,)`` non-negative and descending (all NaN
+        for non-finite input), and ``(dim, s)`` orthonormal columns.
 
     Example:
         >>> omega, _ = tf.linalg.qr(tf.random.normal((100, 12), dtype=tf.float64))
@@ -57,13 +59,17 @@ def nystrom_factors(test_matrix: tf.Tensor, sketch: tf.Tensor) -> tuple[tf.Tenso
     shift = tf.cast(np.sqrt(dim) * eps, sketch.dtype) * tf.norm(sketch)
     shifted = sketch + shift * test_matrix
     core = tf.linalg.matmul(test_matrix, shifted, transpose_a=True)
+    # LAPACK's eigendecomposition raises on a NaN or inf: factor zeros, return NaN.
+    finite = tf.reduce_all(tf.math.is_finite(core))
+    core = tf.where(finite, core, tf.zeros_like(core))
     values, vectors = tf.linalg.eigh(0.5 * (core + tf.transpose(core)))
     keep = values > tf.cast(size * eps, values.dtype) * tf.reduce_max(tf.abs(values))
     ones = tf.ones_like(values)
     inverse_sqrt = tf.where(keep, tf.math.rsqrt(tf.where(keep, values, ones)), 0 * ones)
     factor = tf.linalg.matmul(shifted, vectors) * inverse_sqrt
-    singular, left, _ = tf.linalg.svd(factor, full_matrices=False)
-    return tf.nn.relu(tf.square(singular) - shift), left
+    singular, left, _ = tf.linalg.svd(tf.where(finite, factor, 0 * factor), full_matrices=False)
+    values = tf.nn.relu(tf.square(singular) - shift)
+    return tf.where(finite, values, tf.cast(np.nan, values.dtype)), left
 
 
 @dataclass(frozen=True)

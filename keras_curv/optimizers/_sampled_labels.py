@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from keras_curv._internal.keras_privates import softmax_logits
 from keras_curv._internal.losses import loss_family
+from keras_curv._internal.numerics import open_uniform
 
 SUPPORTED = {
     "categorical": "softmax cross-entropy (sparse or one-hot labels)",
@@ -134,7 +135,7 @@ def _open_uniform(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tens
     # From random integers: XLA draws the same integers as the graph does from a seed,
     # but not the same floats.
     bits = tf.random.stateless_uniform(shape, seed=seed, minval=0, maxval=_LEVELS, dtype=tf.int32)
-    return (tf.cast(bits, dtype) + 0.5) / _LEVELS
+    return open_uniform(bits, _LEVELS, dtype)
 
 
 def noise_for(spec: SamplingSpec, shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:

@@ -19,7 +19,7 @@ from keras_curv._internal.keras_privates import (
     track_optimizer_variable,
     variable_index,
 )
-from keras_curv._internal.numerics import exact_cast
+from keras_curv._internal.numerics import exact_cast, open_uniform
 from keras_curv.curvature.eigensolvers import nystrom_factors
 from keras_curv.optimizers import _labels, distribute
 from keras_curv.optimizers import sketchy_math as skm
@@ -36,11 +36,10 @@ def _gaussian(shape: tuple, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
     XLA's ``stateless_normal`` and float ``stateless_uniform`` give other numbers than
     the CPU kernels for the same seed (integer draws agree): integers in ``[0, 2³⁰)``,
-    mapped through the normal quantile function.
+    mapped through the normal quantile function (always finite).
     """
     levels = tf.random.stateless_uniform(shape, seed, 0, _LEVELS, dtype=tf.int32, alg="philox")
-    uniform = (tf.cast(levels, dtype) + 0.5) / _LEVELS
-    return tf.math.ndtri(uniform)
+    return tf.math.ndtri(open_uniform(levels, _LEVELS, dtype))
 
 
 def _learning_rate(value: Any) -> Any:
@@ -102,8 +101,9 @@ class SketchySGD(CurvatureOptimizer):
     ``λ_max`` comes from ``power_iterations`` products on the step's batch. With
     ``learning_rate="auto"`` the optimizer writes ``η`` into its ``learning_rate`` at
     each refresh (so the progress bar, TensorBoard and weight decay see it). A
-    refresh whose sketch is not finite keeps the previous preconditioner; before the
-    first finite one, steps are skipped and counted in :attr:`skipped_steps`. See
+    refresh whose sketch is not finite keeps the previous preconditioner (counted in
+    :attr:`rejected_sketches`); before the first finite one, steps are skipped and
+    counted in :attr:`skipped_steps`. See
     ``docs/sketchy_sgd.md`` (defaults, cost, XLA, distribution).
 
     Args:
@@ -206,6 +206,9 @@ class SketchySGD(CurvatureOptimizer):
         self._sketch_updates = self.add_variable(
             (), dtype="int64", name="sketch_updates", aggregation="only_first_replica"
         )
+        self._rejected_sketches = self.add_variable(
+            (), dtype="int64", name="rejected_sketches", aggregation="only_first_replica"
+        )
         self._momentums = []
         if self.momentum > 0:
             self._momentums = self.add_optimizer_variables(var_list, "momentum")
@@ -244,7 +247,7 @@ class SketchySGD(CurvatureOptimizer):
             source.scaled_gradients()  # once, outside the vectorised function below
         local = stacked_map(lambda row: self._flat_product(source, row), tf.transpose(omega))
         sketch = gate.enter((yield gate.exit(local)))
-        # LAPACK's eigendecomposition raises on NaN: factor zeros instead, and report.
+        # A non-finite sketch is factored as zeros (and reported): see nystrom_factors.
         finite = distribute.all_finite([sketch])
         sketch = tf.where(finite, sketch, tf.zeros_like(sketch))
         # Factored at unit max (the approximation is homogeneous in Y): a finite sketch
@@ -322,7 +325,12 @@ class SketchySGD(CurvatureOptimizer):
             ]
             values = tf.where(updated, values, tf.convert_to_tensor(self._eigenvalues))
             rho = tf.where(updated, rho, tf.convert_to_tensor(self._rho))
-            shared = {"updated": updated, "eigenvalues": values, "rho": rho}
+            shared = {
+                "updated": updated,
+                "rejected": tf.logical_and(refresh, tf.logical_not(updated)),
+                "eigenvalues": values,
+                "rho": rho,
+            }
             if self.automatic:
                 # The whole gradient (summed over replicas): the step's direction d is
                 # needed here, to measure the curvature along it.
@@ -426,6 +434,7 @@ class SketchySGD(CurvatureOptimizer):
             self.assign_add(self._sketch_updates, tf.constant(1, tf.int64))
 
         tf.cond(shared["updated"], store, lambda: None)
+        self.assign_add(self._rejected_sketches, tf.cast(shared["rejected"], tf.int64))
         if self.automatic:
             self.assign(self._preconditioned_curvature, shared["preconditioned_curvature"])
 
@@ -455,13 +464,19 @@ class SketchySGD(CurvatureOptimizer):
         self._check_built()
         return self._sketch_updates
 
+    @property
+    def rejected_sketches(self) -> tf.Variable:
+        """Refreshes whose sketch was not finite (the previous preconditioner was kept)."""
+        self._check_built()
+        return self._rejected_sketches
+
     def curvature_summary(self) -> dict[str, tf.Tensor]:
         """The preconditioner's state for the diagnostic callbacks (read only).
 
         Returns:
             ``eigenvalues`` (``Λ̂``, a vector), ``rho``, ``preconditioned_curvature``
             (``λ_max(P^{-1/2} H P^{-1/2})``, with ``learning_rate="auto"``), ``step_size``,
-            ``sketch_updates`` and ``skipped_steps``.
+            ``sketch_updates``, ``rejected_sketches`` and ``skipped_steps``.
         """
         self._check_built()
         summary = {
@@ -469,6 +484,7 @@ class SketchySGD(CurvatureOptimizer):
             "rho": tf.cast(self._rho, tf.float32),
             "step_size": tf.cast(self.learning_rate, tf.float32),
             "sketch_updates": tf.cast(self._sketch_updates, tf.float32),
+            "rejected_sketches": tf.cast(self._rejected_sketches, tf.float32),
             "skipped_steps": tf.cast(self._skipped_steps, tf.float32),
         }
         if self.automatic:

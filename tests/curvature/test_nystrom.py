@@ -134,3 +134,18 @@ def test_nystrom_factors_in_float32_under_xla():
     vals, _ = compiled(tf.constant(omega, tf.float32), tf.constant(y, tf.float32))
     assert vals.dtype == tf.float32
     np.testing.assert_allclose(vals.numpy(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_nystrom_factors_of_non_finite_input_return_nan_instead_of_raising():
+    """LAPACK's eigendecomposition raises on a NaN core; the caller must get NaN back
+    (and keep its previous approximation), in float32 and under XLA."""
+    rng = np.random.default_rng(0)
+    omega = np.linalg.qr(rng.standard_normal((30, 6)))[0].astype(np.float32)
+    y = rng.standard_normal((30, 6)).astype(np.float32)
+    for bad_omega, bad_y in ((np.inf, 0.0), (np.nan, 0.0), (0.0, np.inf)):
+        o, s = omega.copy(), y.copy()
+        o[3, 1] += bad_omega
+        s[4, 2] += bad_y
+        for fn in (nystrom_factors, tf.function(nystrom_factors, jit_compile=True)):
+            vals, _ = fn(tf.constant(o), tf.constant(s))
+            assert np.all(np.isnan(vals.numpy()))

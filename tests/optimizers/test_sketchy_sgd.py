@@ -5,9 +5,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_curv import SketchySGD, curvature_step
 from keras_curv.data import spiked_regression
+from keras_curv.optimizers import sketchy_sgd
 from tests.conftest import float64_everywhere
 from tests.optimizers.sketchy_reference import numpy_sketchy_sgd
 
@@ -226,8 +228,8 @@ def test_refresh_schedule_and_state():
     assert int(opt.sketch_updates) == 4 and int(opt.iterations) == 6
     summary = opt.curvature_summary()
     assert set(summary) == {
-        "eigenvalues", "rho", "step_size", "sketch_updates", "skipped_steps",
-        "preconditioned_curvature",
+        "eigenvalues", "rho", "step_size", "sketch_updates", "rejected_sketches",
+        "skipped_steps", "preconditioned_curvature",
     }  # fmt: skip
     values = summary["eigenvalues"].numpy()
     assert values.shape == (3,) and np.all(np.diff(values) <= 0) and values[-1] >= 0
@@ -269,6 +271,53 @@ def test_nan_batch_is_skipped_without_touching_weights_or_state():
         if "skipped_steps" in variable.path or "seed_generator" in variable.path:
             continue
         np.testing.assert_array_equal(before, after, err_msg=variable.path)
+
+
+def test_gaussian_test_matrix_is_finite_in_float32():
+    """Regression: float32 rounds the top 32 of the 2³⁰ integer levels to a uniform of
+    exactly 1, whose normal quantile is inf; the QR of Ω was then NaN and the sketch's
+    eigendecomposition stopped fit (MNIST-1D MLP, a few epochs). This seed draws one."""
+    seed, index = tf.constant([107, 0], tf.int32), 145062
+    levels = tf.random.stateless_uniform((228150,), seed, 0, 2**30, dtype=tf.int32, alg="philox")
+    assert int(levels[index]) >= 2**30 - 32  # the case is exercised
+    draws = sketchy_sgd._gaussian((228150,), seed, tf.float32).numpy()
+    assert np.all(np.isfinite(draws)) and np.max(np.abs(draws)) < 6.2
+    # The quantile of the largest float32 below 1, 1 − 2⁻²⁴.
+    assert draws[index] == pytest.approx(5.2947, abs=1e-3)
+
+
+def test_non_finite_test_matrix_keeps_the_previous_sketch(monkeypatch):
+    """An inf in Ω at the refresh of step 2: that refresh is rejected and counted, the
+    preconditioner of step 1 stays in force, and training goes on."""
+    original = sketchy_sgd._gaussian
+    opt = _small()
+
+    def poisoned(shape, seed, dtype):
+        draws = original(shape, seed, dtype)
+        if len(shape) != 2:
+            return draws
+        mask = np.zeros(shape, bool)
+        mask[0, 0] = True
+        hit = tf.logical_and(tf.equal(opt.iterations, 2), mask)
+        return tf.where(hit, tf.constant(np.inf, dtype), draws)
+
+    monkeypatch.setattr(sketchy_sgd, "_gaussian", poisoned)
+    x, y = _classification()
+    model = _classifier("float64")
+    model.compile(optimizer=opt, loss=_LOSS)
+    states = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: states.append(
+            (opt.eigenvalues.numpy().copy(), float(opt.shift))
+        )
+    )
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[record])
+    assert int(opt.iterations) == 6 and int(opt.skipped_steps) == 0
+    assert int(opt.rejected_sketches) == 1 and int(opt.sketch_updates) == 3  # of 0, 1, 2, 3
+    np.testing.assert_array_equal(states[2][0], states[1][0])
+    assert states[2][1] == states[1][1] and not np.array_equal(states[3][0], states[2][0])
+    assert all(np.all(np.isfinite(v)) for v in model.get_weights())
+    assert float(opt.curvature_summary()["rejected_sketches"]) == 1.0
 
 
 def test_save_load_and_backup_and_restore_resume_exactly(tmp_path):
