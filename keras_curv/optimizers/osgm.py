@@ -12,15 +12,19 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_curv._internal import validation
+from keras_curv._internal import flat, validation
 from keras_curv._internal.keras_privates import variable_index
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import DiagonalOperator
 from keras_curv.optimizers import distribute
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
 from keras_curv.optimizers.batch import TrainBatch
 
 # Losses below this are treated as this (the surrogate divides by the previous loss).
 LOSS_FLOOR = 1e-12
+# Entries of the learned scale below this count as this in the protocol's P = diag(1/scale).
+SCALE_FLOOR = 1e-30
 
 
 def osgm_hypergradient(gradient: Any, previous_gradient: Any, previous_loss: Any) -> Any:
@@ -175,6 +179,21 @@ class OSGM(CurvatureOptimizer):
         """``P``, one tensor per trainable variable."""
         self._check_built()
         return list(self._scales)
+
+    def preconditioner(self) -> DiagonalOperator | None:
+        """``diag(1 / max(scale, 1e-30))``: the step ``scale ⊙ g`` is ``P⁻¹ g`` with ``η = 1``
+        (protocol; its ``learning_rate`` is the online learner's). ``None`` before the
+        first step.
+        """
+        self._check_built()
+        if int(self.iterations) == 0:
+            return None
+        scale = flat.flatten(self._scales)
+        return DiagonalOperator(1 / tf.maximum(scale, exact_cast(SCALE_FLOOR, scale.dtype)))
+
+    def stability_threshold(self) -> float:
+        """``2 + 2β``: heavy ball in ``momentum`` with ``η = 1`` (the scale is the step)."""
+        return stability_threshold(1.0, self.momentum, "heavy_ball")
 
     def curvature_summary(self) -> dict[str, tf.Tensor]:
         """``mean_scale``, ``largest_scale`` (of the entries of ``P``) and ``skipped_steps``."""

@@ -21,6 +21,8 @@ from keras_curv._internal.keras_privates import (
 )
 from keras_curv._internal.numerics import exact_cast, open_uniform
 from keras_curv.curvature.eigensolvers import nystrom_factors
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import LowRankPlusDiagonal
 from keras_curv.optimizers import _labels, distribute
 from keras_curv.optimizers import sketchy_math as skm
 from keras_curv.optimizers._graph import StepGate, stacked_map
@@ -469,6 +471,38 @@ class SketchySGD(CurvatureOptimizer):
         """Refreshes whose sketch was not finite (the previous preconditioner was kept)."""
         self._check_built()
         return self._rejected_sketches
+
+    def _sketched(self) -> LowRankPlusDiagonal | None:
+        """``Û diag(Λ̂) Ûᵀ`` (flat layout), or ``None`` before the first step that used one."""
+        self._check_built()
+        ready = int(self._sketch_updates) > 0
+        if self.automatic:
+            ready = ready and float(self._preconditioned_curvature) > 0
+        if not ready:
+            return None
+        return LowRankPlusDiagonal(tf.transpose(self.eigenvectors), self._eigenvalues)
+
+    def curvature_model(self) -> LowRankPlusDiagonal | None:
+        """``Û Λ̂ Ûᵀ``: the rank-r Nyström estimate of the curvature, without ``ρ`` (protocol).
+
+        ``None`` before the first sketch.
+        """
+        return self._sketched()
+
+    def preconditioner(self) -> LowRankPlusDiagonal | None:
+        """``P = Û Λ̂ Ûᵀ + ρ I``: the step is ``−η P⁻¹ m`` (Woodbury), ``η`` its
+        ``learning_rate`` (protocol). ``None`` before the first sketch.
+        """
+        low_rank = self._sketched()
+        if low_rank is None:
+            return None
+        return LowRankPlusDiagonal(low_rank.basis, low_rank.core, self._rho)
+
+    def stability_threshold(self) -> float:
+        """``2/η`` (``momentum=0``), else ``(2 + 2β) / ((1 − β) η)``: ``m`` is an EMA of the
+        gradient (protocol)."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.momentum, "ema")
 
     def curvature_summary(self) -> dict[str, tf.Tensor]:
         """The preconditioner's state for the diagnostic callbacks (read only).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv import AdaHessian, ClassSubspaceNewton, Shampoo
+from keras_curv import AdaHessian, ClassSubspaceNewton, Shampoo, SketchySGD
 from keras_curv._internal.flat import variable_ranges
 from keras_curv.callbacks import HessianSpectrum
 from keras_curv.curvature import BlockDiagonalOperator, KroneckerOperator, stability_threshold
@@ -155,6 +155,21 @@ def test_shampoo_preconditioned_sharpness_matches_the_dense_congruence():
     expected = np.linalg.eigvalsh(root @ h @ root)[-1]
     assert np.isfinite(expected) and expected > 0
     assert history["preconditioned_sharpness"][-1] == pytest.approx(expected, rel=1e-7)
+
+
+def test_sketchy_sgd_preconditioned_sharpness_matches_the_dense_congruence():
+    """P = Û Λ̂ Ûᵀ + ρ I (rank 3 of 43 parameters); its curvature model is measured too."""
+    x, y = tiny_data()
+    model = tiny_model()
+    optimizer = SketchySGD(rank=3, oversampling=3, update_every=2, power_iterations=5, seed=0)
+    history = fit(model, optimizer, [HessianSpectrum((x, y), **EXACT)]).history
+    _, _, h = dense_spectrum(model, x, y)
+    root = dense_root(optimizer.preconditioner().to_dense(), -0.5)
+    expected = np.linalg.eigvalsh(root @ h @ root)[-1]
+    assert np.isfinite(expected) and expected > 0
+    assert np.isfinite(history["preconditioned_sharpness"][0])
+    assert history["preconditioned_sharpness"][-1] == pytest.approx(expected, rel=1e-7)
+    assert np.isfinite(history["curvature_model_rayleigh_ratio"][-1])
 
 
 def test_adahessian_curvature_model_quality_against_dense_values():

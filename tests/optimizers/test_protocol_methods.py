@@ -1,20 +1,26 @@
-"""The diagnostic protocol of AdaHessian, ClassSubspaceNewton and Shampoo against their updates."""
+"""The diagnostic protocol of AdaHessian, ClassSubspaceNewton, Shampoo, SketchySGD, OSGM and
+Lookahead against their updates."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv import AdaHessian, ClassSubspaceNewton, Shampoo
+from keras_curv import OSGM, AdaHessian, ClassSubspaceNewton, Lookahead, Shampoo, SketchySGD
 from keras_curv._internal import flat
+from keras_curv.callbacks._protocol import optimizer_curvature_model, optimizer_preconditioning
 from keras_curv.curvature import PermutedOperator
 from keras_curv.optimizers import class_subspace_math as csm
+from keras_curv.optimizers import sketchy_math as skm
+from tests.conftest import float64_everywhere
 from tests.optimizers._shampoo_reference import dense_preconditioner
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+# Keras losses compute in floatx unless told: float64 for a gradient to compare to 1e-9.
+XENT64 = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
 
 
-def trained(optimizer, epochs=2):
+def trained(optimizer, epochs=2, loss=XENT):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((48, 4)), rng.integers(0, 3, 48)
     keras.utils.set_random_seed(0)
@@ -25,7 +31,7 @@ def trained(optimizer, epochs=2):
             keras.layers.Dense(3, dtype="float64"),
         ]
     )
-    model.compile(optimizer=optimizer, loss=XENT)
+    model.compile(optimizer=optimizer, loss=loss)
     model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=False)
     return model
 
@@ -201,3 +207,106 @@ def test_shampoo_preconditioner_under_gradient_accumulation():
             atol=1e-11 * np.linalg.norm(mean),
         )
     assert int(optimizer.iterations.numpy()) == 5
+
+
+@pytest.fixture
+def float64():
+    """fit in float64 throughout (inputs and losses too): its step is then float64-exact."""
+    with float64_everywhere():
+        yield
+
+
+def flat_weights(model):
+    return np.concatenate([np.asarray(v).reshape(-1) for v in model.trainable_variables])
+
+
+def step_on_first_batch(model, x, y):
+    """``(g, θ_before − θ_after)``: the flat gradient of the first 16 samples, and ``fit``'s
+    step on them."""
+    with tf.GradientTape() as tape:
+        loss = XENT64(y[:16], model(x[:16]))
+    gradient = flat.flatten(tape.gradient(loss, model.trainable_variables)).numpy()
+    before = flat_weights(model)
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    return gradient, before - flat_weights(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"learning_rate": 0.1, "momentum": 0.5}],
+    ids=["auto", "fixed_momentum"],
+)
+def test_sketchy_sgd_preconditioner_reproduces_its_step(kwargs, float64):
+    """θ_t − θ_{t+1} = η P⁻¹ u at a step that keeps the sketch (steps 0, 1, 2, 4 refresh)."""
+    optimizer = SketchySGD(rank=3, oversampling=3, update_every=4, power_iterations=5, seed=0,
+                           **kwargs)  # fmt: skip
+    fresh = SketchySGD(rank=3, oversampling=3)
+    fresh.build([keras.Variable(np.ones((4, 5)))])
+    assert fresh.preconditioner() is None and fresh.curvature_model() is None
+    model = trained(optimizer, loss=XENT64)  # 6 steps
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((48, 4)), rng.integers(0, 3, 48)
+    p = optimizer.preconditioner()
+    dense = p.to_dense()
+    u_rows, values = optimizer.eigenvectors.numpy(), optimizer.eigenvalues.numpy()
+    rho = float(optimizer.shift)
+    np.testing.assert_allclose(dense, u_rows.T @ np.diag(values) @ u_rows + rho * np.eye(43),
+                               atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(optimizer.curvature_model().to_dense(), dense - rho * np.eye(43),
+                               atol=1e-12)  # fmt: skip
+    previous = [np.asarray(m).reshape(-1) for m in optimizer._momentums]
+    g, step = step_on_first_batch(model, x, y)
+    assert int(optimizer.sketch_updates) == 4  # the step kept P
+    np.testing.assert_array_equal(optimizer.preconditioner().to_dense(), dense)
+    eta = float(optimizer.learning_rate.numpy())
+    u = g
+    if previous:
+        beta = 0.5
+        u = (beta * np.concatenate(previous) + (1 - beta) * g) / (1 - beta**7)
+    direction = p.power(-1).matvec(tf.constant(u)).numpy()
+    np.testing.assert_allclose(step, eta * direction, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(direction, np.linalg.solve(dense, u), rtol=1e-10, atol=1e-13)
+    # P^-1/2 twice is P^-1, and equals the optimizer's own P^-1/2 (the automatic step's).
+    v = tf.constant(rng.standard_normal(43))
+    root = p.power(-0.5)
+    np.testing.assert_allclose(root.matvec(root.matvec(v)).numpy(),
+                               p.power(-1).matvec(v).numpy(), rtol=1e-10)  # fmt: skip
+    own = skm.shifted_power(tf.constant(u_rows.T), tf.constant(values), rho, v, -0.5)
+    np.testing.assert_allclose(root.matvec(v).numpy(), own.numpy(), rtol=1e-10)
+    momentum = kwargs.get("momentum", 0.0)
+    expected = 2 / eta if not momentum else (2 + 2 * momentum) / ((1 - momentum) * eta)
+    assert optimizer.stability_threshold() == pytest.approx(expected, rel=1e-12)
+    state = [np.asarray(v).copy() for v in optimizer.variables]
+    optimizer.preconditioner(), optimizer.curvature_model(), optimizer.stability_threshold()
+    for before, after in zip(state, optimizer.variables):  # read only
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_osgm_preconditioner_reproduces_its_step(float64):
+    """θ_t − θ_{t+1} − β b_t = P⁻¹ g with P = diag(1/scale), the scale the step used (η = 1)."""
+    optimizer = OSGM(1e-2, initial_scale=0.05, max_scale=0.5, momentum=0.9)
+    model = trained(optimizer, loss=XENT64)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((48, 4)), rng.integers(0, 3, 48)
+    velocity = np.concatenate([np.asarray(b).reshape(-1) for b in optimizer._velocities])
+    g, step = step_on_first_batch(model, x, y)
+    p = optimizer.preconditioner()
+    scale = np.concatenate([np.asarray(s).reshape(-1) for s in optimizer.scales])
+    assert 0 < np.count_nonzero(scale) and np.all(scale <= 0.5)
+    np.testing.assert_allclose(p.diagonal.numpy(), 1 / np.maximum(scale, 1e-30), rtol=1e-15)
+    np.testing.assert_allclose(step - 0.9 * velocity, p.power(-1).matvec(tf.constant(g)).numpy(),
+                               rtol=1e-12, atol=1e-16)  # fmt: skip
+    assert optimizer.stability_threshold() == pytest.approx(3.8)
+    unbuilt = OSGM()
+    unbuilt.build([keras.Variable(np.ones(3))])
+    assert unbuilt.preconditioner() is None  # no step yet
+
+
+def test_lookahead_exposes_its_inner_optimizers_protocol():
+    inner = SketchySGD(rank=3, oversampling=3, update_every=2, seed=0)
+    model = trained(Lookahead(inner, sync_period=2))
+    found = optimizer_preconditioning(model, 43)
+    np.testing.assert_array_equal(found.operator.to_dense(), inner.preconditioner().to_dense())
+    assert found.threshold == inner.stability_threshold()
+    model_op = optimizer_curvature_model(model, 43)
+    np.testing.assert_array_equal(model_op.to_dense(), inner.curvature_model().to_dense())
