@@ -425,17 +425,14 @@ class SketchySGD(CurvatureOptimizer):
 
     def finish_step(self, statistics: StepStatistics) -> None:
         shared = statistics.shared
-
-        def store():
-            for slot, rows in zip(
-                self._eigenvector_rows, statistics.per_variable["eigenvector_rows"]
-            ):
-                self.assign(slot, rows)
-            self.assign(self._eigenvalues, shared["eigenvalues"])
-            self.assign(self._rho, shared["rho"])
-            self.assign_add(self._sketch_updates, tf.constant(1, tf.int64))
-
-        tf.cond(shared["updated"], store, lambda: None)
+        # Unconditional: the statistics already hold the stored values where no refresh
+        # was taken, and an assignment inside tf.cond is a cross-replica merge_call that
+        # MirroredStrategy refuses in control flow.
+        for slot, rows in zip(self._eigenvector_rows, statistics.per_variable["eigenvector_rows"]):
+            self.assign(slot, rows)
+        self.assign(self._eigenvalues, shared["eigenvalues"])
+        self.assign(self._rho, shared["rho"])
+        self.assign_add(self._sketch_updates, tf.cast(shared["updated"], tf.int64))
         self.assign_add(self._rejected_sketches, tf.cast(shared["rejected"], tf.int64))
         if self.automatic:
             self.assign(self._preconditioned_curvature, shared["preconditioned_curvature"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from keras_curv import SketchySGD, curvature_step
 from keras_curv.data import spiked_regression
 from keras_curv.optimizers import sketchy_sgd
 from tests.conftest import float64_everywhere
+from tests.optimizers._fresh_process import json_reports
 from tests.optimizers.sketchy_reference import numpy_sketchy_sgd
 
 # ------------------------------------------------------------------ golden values
@@ -463,3 +467,41 @@ def test_a_huge_but_finite_sketch_is_factored():
     exact = np.linalg.eigvalsh(2 / 16 * x.astype(np.float64).T @ x)[::-1][:2]
     assert int(opt.sketch_updates) == 1
     np.testing.assert_allclose(opt.eigenvalues.numpy(), exact, rtol=1e-3)
+
+
+_CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_sketchy_distributed_case.py")
+_EXACT = [
+    "sketchy_auto_f64",
+    "sketchy_fixed_momentum_weighted_f64",
+    "sketchy_hessian_weighted_f64",
+    "sketchy_short_last_batch_f64",
+]
+
+
+@functools.cache
+def _distributed_reports() -> dict:
+    groups = (_EXACT[:2], [*_EXACT[2:], "sketchy_empty_shard_weighted_f64"])
+    report = {}
+    for part in json_reports(_CASE_SCRIPT, groups, timeout=900):
+        report.update(part)
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _EXACT)
+def test_two_replicas_equal_one_device_on_the_global_batch(case):
+    """MirroredStrategy over two logical CPUs: the summed sketch, gradient and power
+    products give one device's trajectory (float64, 6 or 8 steps, 4 or 5 sketches)."""
+    result = _distributed_reports()[case]
+    assert result["num_replicas"] == 2
+    assert result["iterations"] == ([8, 8] if "short" in case else [6, 6])
+    assert result["moved"] > 0.2
+    assert result["abs"] < 1e-12 * max(1.0, result["moved"]), result
+    assert result["replicas_agree"] and result["finite"]
+
+
+@pytest.mark.slow
+def test_a_replica_with_an_empty_weighted_shard_trains():
+    result = _distributed_reports()["sketchy_empty_shard_weighted_f64"]
+    assert result["iterations"] == [8, 8]
+    assert result["replicas_agree"] and result["finite"] and result["moved"] > 0.2
