@@ -38,6 +38,7 @@ from keras_curv.curvature.structured import (
     IdentityOperator,
     KroneckerOperator,
     LowRankPlusDiagonal,
+    PermutedOperator,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "LanczosDecomposition",
     "LinearOperator",
     "LowRankPlusDiagonal",
+    "PermutedOperator",
     "ProductOperator",
     "RestrictedOperator",
     "ScaledOperator",

@@ -8,7 +8,9 @@ r"""Structured curvature operators with closed-form powers: the shapes precondit
 * :class:`LowRankPlusDiagonal` :math:`D + U M U^\top` (ClassSubspaceNewton's class
   subspace, a Nyström sketch);
 * :class:`BlockDiagonalOperator`: one operator per consecutive slice of the flat
-  parameter vector (one per variable or layer).
+  parameter vector (one per variable or layer);
+* :class:`PermutedOperator` :math:`\Pi^\top B \Pi`: an operator on coordinates taken in
+  another order (a layer's kernel and bias that are not adjacent in the flat layout).
 
 Each has :meth:`~keras_curv.curvature.LinearOperator.power`, so that
 :math:`P^{-1/2}` of a preconditioner :math:`P` is ``P.power(-0.5)``. Fractional and
@@ -313,3 +315,45 @@ class BlockDiagonalOperator(LinearOperator):
 
     def power(self, p: float) -> LinearOperator:
         return BlockDiagonalOperator([b.power(p) for b in self.blocks])
+
+
+class PermutedOperator(LinearOperator):
+    r"""``Πᵀ B Π`` with ``(Π v)_j = v[order[j]]``: ``B`` acting on the coordinates in ``order``.
+
+    ``(Πᵀ B Π)^p = Πᵀ B^p Π`` since ``Π`` is orthogonal, so powers stay closed-form.
+
+    Args:
+        inner: ``B``.
+        order: A permutation of ``range(inner.dim)``: the coordinate of ``v`` that is
+            ``B``'s ``j``-th input (and receives its ``j``-th output).
+
+    Example:
+        >>> P = PermutedOperator(DiagonalOperator([1.0, 2.0, 3.0]), [2, 0, 1])
+        >>> np.diag(P.to_dense())
+        array([2., 3., 1.], dtype=float32)
+    """
+
+    def __init__(self, inner: LinearOperator, order: Sequence[int]):
+        order = np.asarray(order, dtype=np.int64).reshape(-1)
+        if sorted(order.tolist()) != list(range(inner.dim)):
+            raise ValueError(
+                f"`order` must be a permutation of range({inner.dim}); got {order.tolist()[:8]}"
+                f"{'...' if order.size > 8 else ''}."
+            )
+        super().__init__(inner.dim, inner.dtype)
+        self.inner = inner
+        self.order = order
+        self.symmetric = inner.symmetric
+        self._order = tf.constant(order[:, None])
+        self._gather = tf.constant(order)
+
+    def _matmat(self, block):
+        product = tf.cast(self.inner.matmat(tf.gather(block, self._gather)), self.dtype)
+        return tf.scatter_nd(self._order, product, tf.shape(block, out_type=tf.int64))
+
+    def _matvec(self, v):
+        product = tf.cast(self.inner.matvec(tf.gather(v, self._gather)), self.dtype)
+        return tf.scatter_nd(self._order, product, tf.shape(v, out_type=tf.int64))
+
+    def power(self, p: float) -> LinearOperator:
+        return PermutedOperator(self.inner.power(p), self.order)

@@ -11,6 +11,7 @@ from keras_curv.curvature import (
     IdentityOperator,
     KroneckerOperator,
     LowRankPlusDiagonal,
+    PermutedOperator,
 )
 
 
@@ -100,6 +101,21 @@ def test_block_diagonal_and_identity():
     np.testing.assert_allclose(op.power(-0.5).to_dense(), dense_power(dense, -0.5), rtol=1e-5)
     eye = IdentityOperator(3, 4.0, tf.float64)
     np.testing.assert_allclose(eye.power(-0.5).to_dense(), 0.5 * np.eye(3))
+
+
+def test_permuted_operator_is_the_congruence_by_the_permutation():
+    a = spd(3, 9)
+    inner = BlockDiagonalOperator([KroneckerOperator([a]), DiagonalOperator(np.array([2.0, 8.0]))])
+    order = [4, 0, 2, 1, 3]
+    op = PermutedOperator(inner, order)
+    perm = np.eye(5)[order]  # (Π v)_j = v[order[j]]
+    dense = perm.T @ scipy.linalg.block_diag(a, np.diag([2.0, 8.0])) @ perm
+    np.testing.assert_allclose(op.to_dense(), dense, rtol=1e-12)
+    v = np.random.default_rng(0).standard_normal(5)
+    np.testing.assert_allclose(op.matvec(v).numpy(), dense @ v, rtol=1e-12)
+    np.testing.assert_allclose(op.power(-0.5).to_dense(), dense_power(dense, -0.5), rtol=1e-10)
+    with pytest.raises(ValueError, match="permutation of range"):
+        PermutedOperator(inner, [0, 0, 1, 2, 3])
 
 
 def test_closed_form_top_eigenpairs():
