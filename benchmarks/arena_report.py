@@ -39,7 +39,7 @@ def ranking(entry: dict) -> list[tuple[str, dict]]:
 
 
 def _rate(value) -> str:
-    return "none (line search)" if value is None else f"{value:g}"
+    return "none (automatic)" if value is None else f"{value:g}"
 
 
 def workload_table(name: str, entry: dict, images: str) -> list[str]:

@@ -181,8 +181,7 @@ def run_target(grids: dict, epochs: int = 10, seeds: int = 1) -> dict:
     for problem_name, problem in _problems().items():
         curves = {
             name: {
-                str(lr): [_curve(problem, name, lr, epochs, s) for s in range(seeds)]
-                for lr in lrs
+                str(lr): [_curve(problem, name, lr, epochs, s) for s in range(seeds)] for lr in lrs
             }
             for name, lrs in grids.items()
         }
@@ -224,8 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small grids, few repeats")
     parser.add_argument("--sections", nargs="+", default=["cost", "convergence", "target"],
                         choices=["cost", "convergence", "target"])  # fmt: skip
-    parser.add_argument("--grid", choices=["full", "small"], default=None,
-                        help="learning-rate grids (default: small with --quick, else full)")
+    parser.add_argument(
+        "--grid",
+        choices=["full", "small"],
+        default=None,
+        help="learning-rate grids (default: small with --quick, else full)",
+    )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the target section")
     parser.add_argument("--out", default=str(RESULTS / "kfac.json"))

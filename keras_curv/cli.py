@@ -31,14 +31,27 @@ class OptimizerPreset:
     """A named optimizer configuration of the command line."""
 
     description: str
-    learning_rate: float
+    learning_rate: float | None  # None: the optimizer picks its own (SketchySGD)
     build: Callable[[float, int], Any]
 
 
 def _presets() -> dict[str, OptimizerPreset]:
     import keras
 
-    from keras_curv.optimizers import KFAC, AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
+    from keras_curv.optimizers import (
+        KFAC,
+        LBFGS,
+        OSGM,
+        AdaHessian,
+        ClassSubspaceNewton,
+        LevenbergMarquardt,
+        Lookahead,
+        NewtonCG,
+        NysNewtonCG,
+        Shampoo,
+        SketchySGD,
+        Sophia,
+    )
 
     return {
         "sgd": OptimizerPreset(
@@ -48,7 +61,9 @@ def _presets() -> dict[str, OptimizerPreset]:
         ),
         "adam": OptimizerPreset("Adam", 3e-3, lambda lr, seed: keras.optimizers.Adam(lr)),
         "adahessian": OptimizerPreset(
-            "AdaHessian (its defaults)", 0.15, lambda lr, seed: AdaHessian(lr, seed=seed)
+            "AdaHessian (its defaults: the authors' rule with step_cap 1)",
+            0.15,
+            lambda lr, seed: AdaHessian(lr, seed=seed),
         ),
         "shampoo": OptimizerPreset(
             "Shampoo, Adam grafting, roots every 10 steps (the adam preset's rate)",
@@ -82,17 +97,71 @@ def _presets() -> dict[str, OptimizerPreset]:
             0.1,
             lambda lr, seed: KFAC(lr, seed=seed),
         ),
+        "sketchysgd": OptimizerPreset(
+            "SketchySGD (its defaults: rank 10, automatic rho and step size)",
+            None,
+            lambda lr, seed: SketchySGD("auto" if lr is None else lr, seed=seed),
+        ),
+        "osgm": OptimizerPreset(
+            "OSGM, max_scale 1e-3, momentum 0.9",
+            1e-4,
+            lambda lr, seed: OSGM(lr, max_scale=1e-3),
+        ),
+        "lookahead": OptimizerPreset(
+            "Lookahead(Adam), sync_period 5, slow_step_size 0.5",
+            3e-3,
+            lambda lr, seed: Lookahead(keras.optimizers.Adam(lr)),
+        ),
+        "lbfgs": OptimizerPreset(
+            "L-BFGS, memory 10, strong Wolfe (full batch)",
+            1.0,
+            lambda lr, seed: LBFGS(lr),
+        ),
+        "newton-cg": OptimizerPreset(
+            "Newton-CG on the Hessian, adaptive damping (full batch)",
+            1.0,
+            lambda lr, seed: NewtonCG(lr),
+        ),
+        "nys-newton-cg": OptimizerPreset(
+            "NysNewton-CG, rank 10, mu 1e-4 (full batch)",
+            1.0,
+            lambda lr, seed: NysNewtonCG(lr, seed=seed),
+        ),
+        "levenberg-marquardt": OptimizerPreset(
+            "Levenberg-Marquardt on the Gauss-Newton matrix (full batch)",
+            1.0,
+            lambda lr, seed: LevenbergMarquardt(learning_rate=lr),
+        ),
     }
 
 
 OPTIMIZERS = (
-    "sgd", "adam", "adahessian", "shampoo", "csn", "csn-gn", "sophia-h", "sophia-g", "kfac"
+    "sgd",
+    "adam",
+    "adahessian",
+    "shampoo",
+    "csn",
+    "csn-gn",
+    "sophia-h",
+    "sophia-g",
+    "kfac",
+    "sketchysgd",
+    "osgm",
+    "lookahead",
+    "lbfgs",
+    "newton-cg",
+    "nys-newton-cg",
+    "levenberg-marquardt",
 )
+# What `compare` trains without --optimizers: the mini-batch methods (the full-batch
+# ones need --batch-size equal to the training set to make sense).
+COMPARE_DEFAULT = OPTIMIZERS[: OPTIMIZERS.index("lbfgs")]
 
 _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate overrides the rate):
   sgd         SGD, momentum 0.9, lr 0.1 (the paper's baseline, Appendix D)
   adam        Adam, lr 3e-3
-  adahessian  AdaHessian with its defaults, lr 0.15
+  adahessian  AdaHessian with its defaults, lr 0.15 (each step clipped to lr per
+              coordinate: step_cap=1; step_cap=None is the authors' rule)
   shampoo     Shampoo with its defaults (Adam grafting, inverse roots every 10 steps),
               lr 3e-3 as the adam preset: grafting gives it Adam's step size
   csn         ClassSubspaceNewton as in the paper: curvature="paper" (eq. 17), lr 0.1,
@@ -103,6 +172,13 @@ _OPTIMIZER_HELP = """optimizers (--optimizer / --optimizers; --learning-rate ove
               otherwise (rho 0.04, weight decay 0.1, an estimate every 10 steps)
   sophia-g    Sophia with the Gauss-Newton-Bartlett estimate (SophiaG), lr 3e-3
   kfac        KFAC with its defaults, lr 0.1 (docs/kfac.md)
+  sketchysgd  SketchySGD with its defaults (automatic step size: lr "auto")
+  osgm        OSGM, lr 1e-4 (the online learner's), max_scale 1e-3, momentum 0.9
+  lookahead   Lookahead(Adam lr 3e-3), sync_period 5, slow_step_size 0.5
+  lbfgs, newton-cg, nys-newton-cg, levenberg-marquardt
+              the full-batch solvers with their defaults (lr = the line search's first
+              trial step, 1.0); give --batch-size the training-set size (--max-train),
+              on mini-batches they warn (docs/full_batch.md). Not in compare's default.
 
 Why csn-gn is the demo's default: on the digits CNN the paper's settings do not
 train (epoch 1 loss ~1e19, then chance accuracy; the paper itself reports the
@@ -227,8 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--optimizers",
         type=_optimizer_list,
-        default=list(OPTIMIZERS),
-        help=f"comma-separated subset (default: {','.join(OPTIMIZERS)})",
+        default=list(COMPARE_DEFAULT),
+        help=f"comma-separated subset of {','.join(OPTIMIZERS)} "
+        f"(default: {','.join(COMPARE_DEFAULT)})",
     )
     compare.add_argument(
         "--every",
@@ -279,6 +356,11 @@ def _load(args: argparse.Namespace):
         max_train=args.max_train,
         max_test=args.max_test,
     )
+
+
+def _lr(rate: float | None) -> str:
+    """A preset's learning rate for the console (``None``: chosen by the optimizer)."""
+    return "auto" if rate is None else format(rate, "g")
 
 
 def _compiled_model(data, optimizer_name: str, learning_rate: float | None, seed: int):
@@ -371,7 +453,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     print(
         f"Training a {model.count_params():,}-parameter CNN on {_describe(data)} for "
-        f"{args.epochs} epochs with {args.optimizer} (lr {rate:g}); Hessian measured on "
+        f"{args.epochs} epochs with {args.optimizer} (lr {_lr(rate)}); Hessian measured on "
         f"{probe_size} training samples every {args.every} epoch(s)"
     )
     start = time.perf_counter()
@@ -434,7 +516,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         series,
         alignment_epochs,
         (slq.grid, slq.density),
-        f"keras-curv demo: small_cnn on {data.name}, {args.optimizer} (lr {rate:g}), "
+        f"keras-curv demo: small_cnn on {data.name}, {args.optimizer} (lr {_lr(rate)}), "
         f"seed {args.seed}",
         stability=stability,
         blocks=blocks,
@@ -532,7 +614,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     for name in args.optimizers:
         model, rate = _compiled_model(data, name, args.learning_rate, args.seed)
         timer = _step_timer()
-        print(f"\n[{name}] {presets[name].description}, lr {rate:g}")
+        print(f"\n[{name}] {presets[name].description}, lr {_lr(rate)}")
         start = time.perf_counter()
         history = model.fit(
             data.x_train,
@@ -550,7 +632,8 @@ def run_compare(args: argparse.Namespace) -> dict:
         histories[name] = {key: [float(v) for v in values] for key, values in history.items()}
         results[name] = {
             "description": presets[name].description,
-            "learning_rate": rate,
+            # An automatic rate (None) is recorded as the step size the optimizer ended with.
+            "learning_rate": float(model.optimizer.learning_rate) if rate is None else rate,
             "final": {
                 key: _finite_or_none(_last(history, key))
                 for key in ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -593,7 +676,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     for name, result in results.items():
         final = result["final"]
         print(
-            f"{name:<11} {result['learning_rate']:>7g} {cell(final['loss'], '9.4g')} "
+            f"{name:<11} {_lr(result['learning_rate']):>7} {cell(final['loss'], '9.4g')} "
             f"{cell(final['accuracy'], '6.3f')} {cell(final['val_loss'], '9.4g')} "
             f"{cell(final['val_accuracy'], '7.3f')} {result['wall_seconds']:7.1f} "
             f"{1e3 * result['seconds_per_step']:8.2f}"
@@ -616,7 +699,7 @@ def run_spectrum(args: argparse.Namespace) -> dict:
     model, rate = _compiled_model(data, args.optimizer, args.learning_rate, args.seed)
     print(
         f"Training a {model.count_params():,}-parameter CNN on {_describe(data)} for "
-        f"{args.epochs} epochs with {args.optimizer} (lr {rate:g})"
+        f"{args.epochs} epochs with {args.optimizer} (lr {_lr(rate)})"
     )
     model.fit(
         data.x_train,

@@ -250,3 +250,77 @@ def two_input_classifier(
     h = keras.layers.Concatenate(dtype=dtype)([a, b])
     outputs = keras.layers.Dense(num_classes, dtype=dtype)(h)
     return keras.Model({"first": first, "second": second}, outputs, name="two_input")
+
+
+def batchnorm_resnet(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    width: int = 16,
+    dtype: str | None = None,
+) -> keras.Model:
+    """A small ResNet with BatchNormalization (about 20k parameters at ``width=16``).
+
+    ``Conv 3x3 (w) → BN → ReLU``, a residual block of two ``Conv → BN`` at ``w`` channels,
+    a strided block to ``2w`` channels (3x3 stride 2 and 3x3 on the branch, a 1x1
+    stride-2 convolution with BN on the shortcut), global average pooling, ``Dense``
+    logits. Convolutions carry no bias. On ``(16, 16, 3)`` inputs with 10 classes and
+    ``width=16`` it has 19,994 trainable parameters (20,282 in all).
+
+    Args:
+        input_shape: ``(h, w, c)`` images.
+        num_classes: Number of classes C.
+        width: Channels of the first stage.
+        dtype: Layer dtype (``None``: the global policy).
+
+    Example:
+        >>> model = batchnorm_resnet((16, 16, 3), 10)
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"batchnorm_resnet expects (h, w, c) images; got {input_shape}.")
+    width = integer(width, "width", minimum=1)
+
+    def conv_bn(tensor, filters, strides=1, kernel=3):
+        tensor = keras.layers.Conv2D(
+            filters, kernel, strides=strides, padding="same", use_bias=False, dtype=dtype
+        )(tensor)
+        return keras.layers.BatchNormalization(dtype=dtype)(tensor)
+
+    def block(tensor, filters, strides=1):
+        branch = keras.layers.ReLU(dtype=dtype)(conv_bn(tensor, filters, strides))
+        branch = conv_bn(branch, filters)
+        shortcut = tensor if strides == 1 else conv_bn(tensor, filters, strides, kernel=1)
+        return keras.layers.ReLU(dtype=dtype)(keras.layers.Add(dtype=dtype)([shortcut, branch]))
+
+    inputs = keras.Input(tuple(input_shape))
+    x = keras.layers.ReLU(dtype=dtype)(conv_bn(inputs, width))
+    x = block(x, width)
+    x = block(x, 2 * width, strides=2)
+    x = keras.layers.GlobalAveragePooling2D(dtype=dtype)(x)
+    outputs = keras.layers.Dense(num_classes, dtype=dtype)(x)
+    return keras.Model(inputs, outputs, name="batchnorm_resnet")
+
+
+def mobilenet_v2(
+    input_shape: tuple[int, int, int] = (32, 32, 3),
+    num_classes: int = 10,
+    *,
+    alpha: float = 0.35,
+) -> keras.Model:
+    """``keras.applications.MobileNetV2`` from scratch (``weights=None``), softmax outputs.
+
+    At the defaults (α = 0.35, 32×32×3, 10 classes) it has 408,938 trainable parameters
+    (423,018 in all): depthwise-separable inverted residuals with BatchNormalization and ReLU6, the
+    architecture people fine-tune on small images.
+
+    Example:
+        >>> model = mobilenet_v2()
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # Keras warns that 32x32 is not one of the ImageNet sizes; no weights are loaded.
+        warnings.simplefilter("ignore", UserWarning)
+        return keras.applications.MobileNetV2(
+            input_shape=tuple(input_shape), alpha=alpha, weights=None, classes=num_classes
+        )

@@ -125,7 +125,7 @@ def test_compare_writes_json_png_and_one_tensorboard_run_per_optimizer(tmp_path,
     assert code == 0
     run = _only_run(tmp_path)
     summary = json.loads((run / "compare.json").read_text())
-    assert list(summary["optimizers"]) == list(cli.OPTIMIZERS)
+    assert list(summary["optimizers"]) == list(cli.COMPARE_DEFAULT)
     for name, result in summary["optimizers"].items():
         numbers = [result["wall_seconds"], result["seconds_per_step"], result["learning_rate"]]
         numbers += list(result["final"].values())
@@ -138,7 +138,7 @@ def test_compare_writes_json_png_and_one_tensorboard_run_per_optimizer(tmp_path,
     width, height = _png_size(run / "compare.png")
     assert width >= 800 and height >= 600
     out = capsys.readouterr().out
-    for name in cli.OPTIMIZERS:
+    for name in cli.COMPARE_DEFAULT:
         assert any(line.startswith(name + " ") for line in out.splitlines())
     assert f"tensorboard --logdir {run}" in out
 
@@ -189,8 +189,8 @@ def test_compare_offers_both_sophia_presets(tmp_path):
         ["demo", "--learning-rate", "0"],
         ["demo", "--learning-rate", "nan"],
         ["demo", "--dataset", "imagenet"],
-        ["demo", "--optimizer", "lbfgs"],
-        ["compare", "--optimizers", "sgd,lbfgs"],
+        ["demo", "--optimizer", "bfgs"],
+        ["compare", "--optimizers", "sgd,bfgs"],
         ["compare", "--optimizers", ","],
     ],
 )
@@ -226,6 +226,19 @@ def test_unavailable_dataset_exits_2_with_one_line(command, tmp_path, capsys, mo
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "digits" in err and "mnist1d" in err
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_compare_offers_the_full_batch_solvers(tmp_path):
+    argv = ["compare", "--optimizers", "lbfgs,nys-newton-cg,levenberg-marquardt", "--epochs",
+            "2", "--max-train", "128", "--batch-size", "128", "--max-test", "64", "--logdir",
+            str(tmp_path)]  # fmt: skip
+    result = cli.run_compare(cli._parser().parse_args(argv))
+    assert list(result["optimizers"]) == ["lbfgs", "nys-newton-cg", "levenberg-marquardt"]
+    for name, record in result["optimizers"].items():
+        losses = record["history"]["loss"]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), name
+        assert record["learning_rate"] == 1.0
 
 
 def test_compare_offers_shampoo(tmp_path):

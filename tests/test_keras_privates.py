@@ -40,6 +40,17 @@ def test_strategy_needs_merge_call():
     assert callable(tf.__internal__.distribute.strategy_supports_no_merge_call)
 
 
+def test_maybe_merge_call_runs_updates_without_a_strategy():
+    variable = tf.Variable(1.0)
+
+    def update(strategy, value):
+        strategy.extended.update(variable, lambda v, x: v.assign_add(x), args=(value,))
+
+    kp.maybe_merge_call(update, tf.constant(2.0))
+    assert float(variable.numpy()) == 3.0
+    assert callable(tf.__internal__.distribute.interim.maybe_merge_call)
+
+
 def test_flatten_layers_reaches_nested_layers():
     inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")])
     inputs = keras.Input((3,))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from keras_curv import models
 from keras_curv.models import resnet9
 
 
@@ -37,3 +38,19 @@ def test_resnet9_small_width_on_small_images():
 def test_resnet9_rejects_bad_arguments(shape, width):
     with pytest.raises(ValueError, match="resnet9|width"):
         resnet9(shape, 10, width=width)
+
+
+def test_batchnorm_resnet_and_mobilenet_v2_sizes():
+    resnet = models.batchnorm_resnet((16, 16, 3), 10)
+    # Kernels: stem, block 1 (two 16->16), block 2 (16->32, 32->32, 1x1 shortcut); BN
+    # channels: 16 + 2 x 16 + 3 x 32 (gamma, beta trainable; mean, variance not); Dense.
+    kernels = 9 * 3 * 16 + 2 * 9 * 16 * 16 + 9 * 16 * 32 + 9 * 32 * 32 + 16 * 32
+    bn = 16 + 2 * 16 + 3 * 32
+    trainable = kernels + 2 * bn + 32 * 10 + 10
+    assert sum(int(np.prod(v.shape)) for v in resnet.trainable_weights) == trainable == 19_994
+    assert resnet.count_params() == trainable + 2 * bn
+    assert tuple(resnet(np.zeros((2, 16, 16, 3), "float32")).shape) == (2, 10)
+    mobilenet = models.mobilenet_v2()
+    assert sum(int(np.prod(v.shape)) for v in mobilenet.trainable_weights) == 408_938
+    with pytest.raises(ValueError, match="h, w, c"):
+        models.batchnorm_resnet((16, 16), 10)

@@ -7,6 +7,7 @@ and reused by every matvec without touching the input pipeline again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,8 @@ def probe_data(
     y: Any = None,
     sample_weight: Any = None,
     batch_size: int | None = None,
+    *,
+    targets_required: bool = True,
 ) -> ProbeData:
     """Normalises probe data into device batches.
 
@@ -84,6 +87,8 @@ def probe_data(
         sample_weight: Optional per-sample weights, when ``x`` holds arrays.
         batch_size: Rows per batch when ``x`` holds arrays (default 256). Ignored for
             datasets, which keep their own batching.
+        targets_required: Refuse ``y=None`` for arrays (losses of inputs only, such as
+            a PINN's residuals, pass ``False``; their batches have ``y=None``).
 
     Returns:
         A :class:`ProbeData` with at least one non-empty batch.
@@ -112,12 +117,12 @@ def probe_data(
             raise ValueError("The probe dataset is empty: it yielded no samples.")
         return ProbeData(tuple(batches))
 
-    if y is None:
+    if y is None and targets_required:
         raise ValueError("Probe data needs targets: pass `y` along with `x`.")
     n = _num_rows(x)
     if n == 0:
         raise ValueError("The probe inputs `x` are empty: pass at least one sample.")
-    if int(np.shape(y)[0]) != n:
+    if y is not None and int(np.shape(y)[0]) != n:
         raise ValueError(f"`x` has {n} rows but `y` has {int(np.shape(y)[0])}.")
     if sample_weight is not None and int(np.shape(sample_weight)[0]) != n:
         raise ValueError(
@@ -130,10 +135,27 @@ def probe_data(
         rows = slice(start, stop)
         bx = tf.nest.map_structure(lambda a, rows=rows: a[rows], x)
         bw = None if sample_weight is None else sample_weight[rows]
-        batches.append(
-            ProbeBatch(_to_tensor(bx), _to_tensor(y[rows]), _to_tensor(bw), stop - start)
-        )
+        by = None if y is None else y[rows]
+        batches.append(ProbeBatch(_to_tensor(bx), _to_tensor(by), _to_tensor(bw), stop - start))
     return ProbeData(tuple(batches))
+
+
+def mean_over_batches(
+    data: ProbeData, batch_fn: Callable[..., Any], *leading: Any, dtype: Any
+) -> Any:
+    """``(1/N) Σ_b batch_fn(*leading, x_b, y_b, w_b, n_b)``: exact over the probe set.
+
+    ``batch_fn`` returns *sums* over its batch (a tensor or a nest of them), ``n_b`` is
+    the batch's size as a scalar of ``dtype``, and ``N`` the number of samples; so a
+    mean over the whole set comes out exactly, whatever the batching.
+    """
+    total = None
+    for batch in data.batches:
+        size = tf.constant(batch.size, dtype)
+        part = batch_fn(*leading, batch.x, batch.y, batch.sample_weight, size)
+        total = part if total is None else tf.nest.map_structure(tf.add, total, part)
+    scale = tf.constant(1.0 / data.num_samples, dtype)
+    return tf.nest.map_structure(lambda t: t * scale, total)
 
 
 def _sparse_labels(y: tf.Tensor, num_classes: int) -> tf.Tensor | None:

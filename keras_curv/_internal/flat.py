@@ -97,3 +97,18 @@ def variable_ranges(variables: Sequence, block: Sequence) -> list[tuple[int, int
     sizes = [int(np.prod(shape)) for shape in variable_shapes(variables)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     return [(int(starts[i]), int(starts[i + 1])) for i in variable_positions(variables, block)]
+
+
+def flatten_rows(tensors: Sequence[tf.Tensor], dtype: tf.DType | None = None) -> tf.Tensor:
+    """``(k, *shape)`` tensors, one per variable, as one ``(k, dim)`` block of flat rows."""
+    parts = [tf.reshape(t, [tf.shape(t)[0], -1]) for t in tensors]
+    if dtype is not None:
+        parts = [tf.cast(p, dtype) for p in parts]
+    return tf.concat(parts, axis=1)
+
+
+def unflatten_rows(rows: tf.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[tf.Tensor]:
+    """Splits a ``(k, dim)`` block of flat rows into ``(k, *shape)`` tensors of ``shapes``."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    pieces = tf.split(rows, sizes, axis=1)
+    return [tf.reshape(p, [-1, *shape]) for p, shape in zip(pieces, shapes)]

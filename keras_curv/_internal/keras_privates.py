@@ -45,6 +45,18 @@ def strategy_needs_merge_call() -> bool:
     return not tf.__internal__.distribute.strategy_supports_no_merge_call()
 
 
+def maybe_merge_call(fn: Any, *args: Any) -> Any:
+    """``fn(strategy, *args)`` in the cross-replica context where the strategy needs it.
+
+    How Keras's TensorFlow optimizer updates variables (``_backend_update_step``,
+    ``_apply_weight_decay``): through ``merge_call`` under a strategy that needs one,
+    directly otherwise; ``fn`` then updates each variable with
+    ``strategy.extended.update``. ``tf.__internal__`` has the only public spelling.
+    """
+    strategy = tf.distribute.get_strategy()
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
 def flatten_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every layer of ``model``, nested ones included (Keras's ``_flatten_layers``)."""
     return list(model._flatten_layers(include_self=False))

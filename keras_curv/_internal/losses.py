@@ -157,3 +157,32 @@ def loss_family(loss: Any) -> str | None:
         if candidate is not None and function is candidate:
             return "other"
     return None
+
+
+# Keras losses that are piecewise linear in the model outputs: their output Hessian is
+# zero wherever it exists, so Newton-type methods see no curvature from them.
+_PIECEWISE_LINEAR = (
+    "mean_absolute_error",
+    "mean_absolute_percentage_error",
+    "hinge",
+    "categorical_hinge",
+)
+
+
+def piecewise_linear_loss(loss: Any) -> str | None:
+    """The name of ``loss`` if it is a Keras loss without second derivatives, else ``None``.
+
+    ``mean_absolute_error``, ``mean_absolute_percentage_error``, ``hinge`` and
+    ``categorical_hinge`` are piecewise linear in the outputs (zero curvature almost
+    everywhere); anything else, custom losses included, is trusted.
+    """
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    function = getattr(loss, "fn", loss)
+    for name in _PIECEWISE_LINEAR:
+        if function is getattr(keras.losses, name, None):
+            return name
+    return None

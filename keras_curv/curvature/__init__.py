@@ -16,7 +16,7 @@ from keras_curv.curvature.alignment import (
     subspace_overlap,
 )
 from keras_curv.curvature.class_gradients import ClassGradients, class_gradients
-from keras_curv.curvature.eigensolvers import EigenResult, top_eigenpairs
+from keras_curv.curvature.eigensolvers import EigenResult, nystrom_factors, top_eigenpairs
 from keras_curv.curvature.estimators import (
     DiagonalEstimate,
     TraceEstimate,
@@ -71,6 +71,7 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "nystrom_factors",
     "principal_angles",
     "spectral_density",
     "stability_threshold",

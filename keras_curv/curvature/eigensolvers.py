@@ -2,7 +2,9 @@ r"""Top eigenpairs of a curvature operator: Lanczos, block subspace iteration, p
 
 All three solvers see the operator only through products, count them, and report
 residuals :math:`r_i = \lVert A u_i - \theta_i u_i \rVert` so a caller can judge
-both the cost and the accuracy of what comes back.
+both the cost and the accuracy of what comes back. :func:`nystrom_factors` is the
+randomized Nyström approximation from one block of products, as a pure function of
+tensors (graph-safe: ``SketchySGD`` builds it inside the train step).
 """
 
 from __future__ import annotations
@@ -18,6 +20,50 @@ from keras_curv.curvature.lanczos import lanczos, tridiagonal_eigh
 from keras_curv.curvature.operators import LinearOperator
 
 METHODS = ("lanczos", "nystrom", "power")
+
+
+def nystrom_factors(test_matrix: tf.Tensor, sketch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    r"""The eigendecomposition of the randomized Nyström approximation of a PSD ``A``.
+
+    ```
+    Â = Y (Ωᵀ Y)⁺ Yᵀ = U diag(λ) Uᵀ,      Y = A Ω
+    ```
+
+    by the numerically stable shifted algorithm (Tropp, Yurtsever, Udell, Cevher 2017,
+    Alg. 3): ``Y_ν = Y + ν Ω`` with ``ν = √dim · eps · ‖Y‖_F``, ``B = Y_ν C^{-1/2}``
+    for the core ``C = Ωᵀ Y_ν``, ``B = U Σ Vᵀ`` (thin SVD), ``λ = max(Σ² − ν, 0)``.
+    The core's inverse square root comes from its eigendecomposition rather than a
+    Cholesky factor, restricted to its positive eigenvalues: identical for PSD ``A``,
+    and no failure (a PSD approximation of the positive part) for an indefinite one.
+    ``Â ⪯ A`` and rank ``Â ≤ s``; costs ``O(dim · s²)`` beyond the ``s`` products.
+
+    Args:
+        test_matrix: ``Ω``, shape ``(dim, s)``, orthonormal columns (the QR factor of a
+            Gaussian block).
+        sketch: ``Y = A Ω``, shape ``(dim, s)``, same dtype.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: ``(s,)`` non-negative and descending, and
+        ``(dim, s)`` orthonormal columns.
+
+    Example:
+        >>> omega, _ = tf.linalg.qr(tf.random.normal((100, 12), dtype=tf.float64))
+        >>> vals, vecs = nystrom_factors(omega, a @ omega)
+    """
+    sketch = tf.convert_to_tensor(sketch)
+    test_matrix = tf.cast(test_matrix, sketch.dtype)
+    dim, size = sketch.shape[0], sketch.shape[1]
+    eps = np.finfo(sketch.dtype.as_numpy_dtype).eps
+    shift = tf.cast(np.sqrt(dim) * eps, sketch.dtype) * tf.norm(sketch)
+    shifted = sketch + shift * test_matrix
+    core = tf.linalg.matmul(test_matrix, shifted, transpose_a=True)
+    values, vectors = tf.linalg.eigh(0.5 * (core + tf.transpose(core)))
+    keep = values > tf.cast(size * eps, values.dtype) * tf.reduce_max(tf.abs(values))
+    ones = tf.ones_like(values)
+    inverse_sqrt = tf.where(keep, tf.math.rsqrt(tf.where(keep, values, ones)), 0 * ones)
+    factor = tf.linalg.matmul(shifted, vectors) * inverse_sqrt
+    singular, left, _ = tf.linalg.svd(factor, full_matrices=False)
+    return tf.nn.relu(tf.square(singular) - shift), left
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_curv._internal import flat as _flat
-from keras_curv._internal.data import ProbeBatch, probe_data
+from keras_curv._internal.data import ProbeBatch, mean_over_batches, probe_data
 from keras_curv._internal.losses import as_keras_loss
 from keras_curv._internal.model import stateless_outputs
 
@@ -293,7 +293,6 @@ class _ModelOperator(LinearOperator):
             )
         size = tf.constant(first.size, self.dtype)
         _checked_scalar(self._loss_sum(first.y, out, first.sample_weight, size))
-        self._batch_sizes = [tf.constant(b.size, self.dtype) for b in self.data.batches]
         self._batch_fn = tf.function(self._flat_batch_product, reduce_retracing=True)
         self._gradient_fn = tf.function(self._flat_batch_gradient, reduce_retracing=True)
 
@@ -334,11 +333,7 @@ class _ModelOperator(LinearOperator):
 
     def _mean_over_batches(self, batch_fn, *leading) -> tf.Tensor:
         """``(1/N) sum_b batch_fn(*leading, x_b, y_b, w_b, n_b)``: exact over the probe set."""
-        total = None
-        for batch, size in zip(self.data.batches, self._batch_sizes):
-            part = batch_fn(*leading, batch.x, batch.y, batch.sample_weight, size)
-            total = part if total is None else total + part
-        return total * tf.constant(1.0 / self._num_samples, self.dtype)
+        return mean_over_batches(self.data, batch_fn, *leading, dtype=self.dtype)
 
     def gradient(self) -> tf.Tensor:
         """The flat gradient of the mean probe loss, at the current weights.

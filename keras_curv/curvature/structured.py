@@ -9,8 +9,8 @@ r"""Structured curvature operators with closed-form powers: the shapes precondit
   subspace, a Nyström sketch);
 * :class:`BlockDiagonalOperator`: one operator per consecutive slice of the flat
   parameter vector (one per variable or layer);
-* :class:`PermutedOperator` :math:`\Pi^\top B \Pi`: an operator on coordinates taken in
-  another order (a layer's kernel and bias that are not adjacent in the flat layout).
+* :class:`PermutedOperator` :math:`\Pi^\top A \Pi`: an operator on the entries of the
+  flat vector taken in another order (Shampoo's blocks cut along a matrix's columns).
 
 Each has :meth:`~keras_curv.curvature.LinearOperator.power`, so that
 :math:`P^{-1/2}` of a preconditioner :math:`P` is ``P.power(-0.5)``. Fractional and
@@ -318,14 +318,17 @@ class BlockDiagonalOperator(LinearOperator):
 
 
 class PermutedOperator(LinearOperator):
-    r"""``Πᵀ B Π`` with ``(Π v)_j = v[order[j]]``: ``B`` acting on the coordinates in ``order``.
+    r"""``Πᵀ A Π`` with ``(Π v)_i = v[permutation[i]]``: ``A`` on the reordered entries.
 
-    ``(Πᵀ B Π)^p = Πᵀ B^p Π`` since ``Π`` is orthogonal, so powers stay closed-form.
+    A block-diagonal operator over blocks that are not consecutive in the flat layout
+    (the column blocks of a row-major matrix) is
+    ``PermutedOperator(BlockDiagonalOperator(blocks), order)``, ``order`` the flat
+    indices of the first block's entries, then the second's... Its powers are
+    ``Πᵀ A^p Π``.
 
     Args:
-        inner: ``B``.
-        order: A permutation of ``range(inner.dim)``: the coordinate of ``v`` that is
-            ``B``'s ``j``-th input (and receives its ``j``-th output).
+        operator: ``A``.
+        permutation: A permutation of ``range(A.dim)``.
 
     Example:
         >>> P = PermutedOperator(DiagonalOperator([1.0, 2.0, 3.0]), [2, 0, 1])
@@ -333,27 +336,29 @@ class PermutedOperator(LinearOperator):
         array([2., 3., 1.], dtype=float32)
     """
 
-    def __init__(self, inner: LinearOperator, order: Sequence[int]):
-        order = np.asarray(order, dtype=np.int64).reshape(-1)
-        if sorted(order.tolist()) != list(range(inner.dim)):
+    def __init__(self, operator: LinearOperator, permutation: Any):
+        if not isinstance(operator, LinearOperator):
+            raise ValueError(f"`operator` must be a LinearOperator; got {type(operator).__name__}.")
+        order = np.asarray(permutation)
+        if order.shape != (operator.dim,) or not np.array_equal(
+            np.sort(order), np.arange(operator.dim)
+        ):
             raise ValueError(
-                f"`order` must be a permutation of range({inner.dim}); got {order.tolist()[:8]}"
-                f"{'...' if order.size > 8 else ''}."
+                f"`permutation` must be a permutation of range({operator.dim}); got shape "
+                f"{order.shape} with entries {order[:8].tolist()}..."
             )
-        super().__init__(inner.dim, inner.dtype)
-        self.inner = inner
-        self.order = order
-        self.symmetric = inner.symmetric
-        self._order = tf.constant(order[:, None])
-        self._gather = tf.constant(order)
+        super().__init__(operator.dim, operator.dtype)
+        self.operator = operator
+        self.permutation = order.astype(np.int64)
+        self.symmetric = operator.symmetric
+        self._inverse = np.argsort(self.permutation).astype(np.int64)
 
     def _matmat(self, block):
-        product = tf.cast(self.inner.matmat(tf.gather(block, self._gather)), self.dtype)
-        return tf.scatter_nd(self._order, product, tf.shape(block, out_type=tf.int64))
+        inner = self.operator.matmat(tf.gather(block, self.permutation, axis=0))
+        return tf.gather(tf.cast(inner, self.dtype), self._inverse, axis=0)
 
     def _matvec(self, v):
-        product = tf.cast(self.inner.matvec(tf.gather(v, self._gather)), self.dtype)
-        return tf.scatter_nd(self._order, product, tf.shape(v, out_type=tf.int64))
+        return self._matmat(v[:, None])[:, 0]
 
     def power(self, p: float) -> LinearOperator:
-        return PermutedOperator(self.inner.power(p), self.order)
+        return PermutedOperator(self.operator.power(p), self.permutation)

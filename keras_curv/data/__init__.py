@@ -9,7 +9,7 @@ from keras_curv.data.datasets import (
     default_cache_dir,
     load_dataset,
 )
-from keras_curv.data.synthetic import motif_sequences, split_halves
+from keras_curv.data.synthetic import motif_sequences, spiked_regression, split_halves
 
 __all__ = [
     "DATASET_NAMES",
@@ -20,5 +20,6 @@ __all__ = [
     "default_cache_dir",
     "load_dataset",
     "motif_sequences",
+    "spiked_regression",
     "split_halves",
 ]

@@ -54,3 +54,49 @@ def split_halves(images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images)
     middle = images.shape[1] // 2
     return {"first": images[:, :middle], "second": images[:, middle:]}
+
+
+def spiked_regression(
+    num_samples: int = 8192,
+    num_features: int = 200,
+    *,
+    num_spikes: int = 10,
+    condition: float = 1e4,
+    spread: float = 10.0,
+    noise: float = 0.1,
+    rotate: bool = True,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares whose feature covariance has a few large eigenvalues over a flat bulk.
+
+    The covariance is ``Q diag(λ) Qᵀ``: ``num_spikes`` eigenvalues spaced geometrically
+    from ``condition · b`` down to ``condition · b / spread``, and ``b = 0.1`` for the
+    other ``num_features − num_spikes`` (the ill-conditioning of real tabular data, where a
+    few directions carry most of the variance). ``Q`` is a random rotation (``rotate``), or
+    the identity (the large directions are single features). Targets are
+    ``y = x w* + noise · ε`` with ``w*`` and ``ε`` standard normal, so the least-squares
+    optimum of the mean squared error is about ``noise²``.
+
+    Returns:
+        ``(x, y)``: float32 arrays of shapes ``(n, num_features)`` and ``(n, 1)``.
+
+    Example:
+        >>> x, y = spiked_regression(8192, 200)  # condition 1e4, 10 spikes
+    """
+    integer(num_samples, "num_samples", minimum=1)
+    integer(num_spikes, "num_spikes", minimum=0)
+    if integer(num_features, "num_features", minimum=1) < num_spikes:
+        raise ValueError(
+            f"`num_spikes` ({num_spikes}) must not exceed `num_features` ({num_features})."
+        )
+    rng = np.random.default_rng(seed)
+    bulk = 0.1
+    spectrum = np.full(num_features, bulk)
+    spectrum[:num_spikes] = np.geomspace(condition * bulk, condition * bulk / spread, num_spikes)
+    basis = np.linalg.qr(rng.standard_normal((num_features, num_features)))[0]
+    x = rng.standard_normal((num_samples, num_features)) * np.sqrt(spectrum)
+    if rotate:
+        x = x @ basis.T
+    w = rng.standard_normal(num_features)
+    y = x @ w + noise * rng.standard_normal(num_samples)
+    return x.astype(np.float32), y[:, None].astype(np.float32)

@@ -10,8 +10,16 @@ from keras_curv.optimizers.contract import (
     curvature_step,
 )
 from keras_curv.optimizers.distribute import replica_sum
+from keras_curv.optimizers.full_batch import FullBatchOptimizer
 from keras_curv.optimizers.kfac import KFAC
+from keras_curv.optimizers.lbfgs import LBFGS
+from keras_curv.optimizers.lookahead import Lookahead
+from keras_curv.optimizers.newton_cg import LevenbergMarquardt, NewtonCG, NysNewtonCG
+from keras_curv.optimizers.objective import FullBatchObjective
+from keras_curv.optimizers.osgm import OSGM
 from keras_curv.optimizers.shampoo import Shampoo
+from keras_curv.optimizers.sketchy_sgd import SketchySGD
+from keras_curv.optimizers.solve import MinimizeHistory, minimize
 from keras_curv.optimizers.sophia import Sophia
 
 __all__ = [
@@ -22,11 +30,24 @@ __all__ = [
     "KFAC",
     "LayerCall",
     "LayerTap",
+    "Lookahead",
+    "OSGM",
+    "SketchySGD",
+    "FullBatchObjective",
+    "FullBatchOptimizer",
+    "LBFGS",
+    "LayerCall",
+    "LayerTap",
+    "LevenbergMarquardt",
+    "MinimizeHistory",
+    "NewtonCG",
+    "NysNewtonCG",
     "Shampoo",
     "Sophia",
     "StepStatistics",
     "TrainBatch",
     "attach",
     "curvature_step",
+    "minimize",
     "replica_sum",
 ]

@@ -92,8 +92,13 @@ def adahessian_direction(
     beta_2: float,
     epsilon: float,
     hessian_power: float,
+    step_cap: float | None = None,
 ) -> Any:
     """``(m / (1 − β1^t)) / ((sqrt(v) / sqrt(1 − β2^τ))^k + ε)``: the step is ``−lr`` times this.
+
+    With ``step_cap = c`` each entry is then clipped to ``[−c, c]`` (the package's default,
+    not the authors' rule: a coordinate whose Hessian estimate is near zero would otherwise
+    take a step of ``lr·|g|/ε``).
 
     Args:
         m: First moment after the step.
@@ -104,6 +109,7 @@ def adahessian_direction(
         beta_2: Decay of ``v``.
         epsilon: ``ε``.
         hessian_power: ``k`` in ``(0, 1]``.
+        step_cap: ``c > 0``, or ``None`` for no clipping.
     """
     dtype = m.dtype
     step = ops.cast(step, dtype)
@@ -112,7 +118,11 @@ def adahessian_direction(
     if hessian_power != 1.0:
         rms = ops.power(rms, exact_cast(hessian_power, dtype))
     m_hat = m / (1 - ops.power(exact_cast(beta_1, dtype), step))
-    return m_hat / (rms + exact_cast(epsilon, dtype))
+    direction = m_hat / (rms + exact_cast(epsilon, dtype))
+    if step_cap is None:
+        return direction
+    cap = exact_cast(step_cap, dtype)
+    return ops.clip(direction, -cap, cap)
 
 
 # ------------------------------------------------------------------ the optimizer
@@ -129,10 +139,14 @@ class AdaHessian(CurvatureOptimizer):
     D  = spatial_avg( | (1/S) Σ_s z_s ⊙ (H z_s) | )
     m ← β1 m + (1 − β1) g
     v ← β2 v + (1 − β2) D²                                (on Hessian steps only)
-    θ ← θ − lr · (m / (1 − β1^t)) / ((√v / √(1 − β2^τ))^k + ε)
+    θ ← θ − lr · clip((m / (1 − β1^t)) / ((√v / √(1 − β2^τ))^k + ε), −c, c)
     ```
 
-    with ``τ`` the number of Hessian steps so far and ``k = hessian_power``. Hessian
+    with ``τ`` the number of Hessian steps so far, ``k = hessian_power`` and
+    ``c = step_cap``. The cap (default 1: no coordinate moves by more than ``lr`` in a
+    step, as with Adam) is this package's departure from the authors' rule, which
+    ``step_cap=None`` restores; with it their defaults blow up small models in the first
+    epoch (a near-zero Hessian estimate turns into a step of ``lr·|g|/ε``). Hessian
     steps are every ``update_each``-th step; a stale ``D`` is never re-absorbed. The
     probes come from an optimizer-owned ``SeedGenerator`` (saved with the optimizer).
     A step whose loss, gradient or first Hessian estimate is not finite is skipped and
@@ -146,6 +160,8 @@ class AdaHessian(CurvatureOptimizer):
         beta_2: Decay of ``v``, in ``[0, 1)``.
         epsilon: Added to the denominator, ``> 0``.
         hessian_power: ``k`` in ``(0, 1]``.
+        step_cap: ``c > 0``: each coordinate's step is at most ``lr·c``; ``None``: the
+            authors' unclipped rule.
         n_samples: Probes per Hessian step (int ≥ 1).
         update_each: Hessian steps every this many steps (int ≥ 1).
         seed: Seed of the probes, or ``None`` (drawn when built; follows
@@ -166,6 +182,7 @@ class AdaHessian(CurvatureOptimizer):
         beta_2: float = 0.999,
         epsilon: float = 1e-4,
         hessian_power: float = 1.0,
+        step_cap: float | None = 1.0,
         n_samples: int = 1,
         update_each: int = 1,
         seed: int | None = None,
@@ -179,6 +196,7 @@ class AdaHessian(CurvatureOptimizer):
         self.hessian_power = validation.number(
             hessian_power, "hessian_power", low=0.0, high=1.0, low_open=True
         )
+        self.step_cap = validation.positive(step_cap, "step_cap", allow_none=True)
         self.n_samples = validation.integer(n_samples, "n_samples", minimum=1)
         self.update_each = validation.integer(update_each, "update_each", minimum=1)
         self.seed = validation.seed(seed)
@@ -251,6 +269,7 @@ class AdaHessian(CurvatureOptimizer):
             self.beta_2,
             self.epsilon,
             self.hessian_power,
+            self.step_cap,
         )
         self.assign_sub(variable, ops.cast(learning_rate, variable.dtype) * direction)
 
@@ -322,7 +341,11 @@ class AdaHessian(CurvatureOptimizer):
         return None if rms is None else DiagonalOperator(rms)
 
     def preconditioner(self) -> DiagonalOperator | None:
-        """``P = diag(sqrt(v̂)^k + ε)``, the update's denominator (protocol, read only)."""
+        """``P = diag(sqrt(v̂)^k + ε)``, the update's denominator (protocol, read only).
+
+        The step is ``lr · clip(P⁻¹ m̂, −c, c)``: ``P`` describes it wherever ``step_cap``
+        does not clip.
+        """
         rms = self._flat_rms()
         if rms is None:
             return None
@@ -343,6 +366,7 @@ class AdaHessian(CurvatureOptimizer):
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
                 "hessian_power": self.hessian_power,
+                "step_cap": self.step_cap,
                 "n_samples": self.n_samples,
                 "update_each": self.update_each,
                 "seed": self.seed,

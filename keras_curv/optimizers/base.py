@@ -17,7 +17,8 @@ one channel, shared by every optimizer of the package:
    :meth:`~CurvatureOptimizer.finish_step`.
 
 Subclasses write ``build``, ``step_statistics``, ``update_step`` (like Keras's Adam) and
-optionally ``finish_step``; the math lives in pure functions of tensors next to them.
+optionally ``begin_step`` and ``finish_step``; the math lives in pure functions of tensors
+next to them.
 """
 
 from __future__ import annotations
@@ -160,6 +161,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         own = {name: values[index] for name, values in statistics.per_variable.items()}
         return {**statistics.shared, **own}
 
+    def begin_step(self, statistics: StepStatistics) -> None:
+        """Runs before Keras's ``apply`` of an applied (not skipped) step.
+
+        The place to set state that Keras's ``apply`` reads, such as a learning rate
+        computed from the statistics (``SketchySGD``'s automatic step size): gradient
+        clipping, weight decay and every ``update_step`` then see the new value.
+        """
+
     def finish_step(self, statistics: StepStatistics) -> None:
         """Runs after the per-variable updates of an applied (not skipped) step."""
 
@@ -196,6 +205,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def _apply_with(self, grads, trainable_variables, statistics: StepStatistics) -> None:
         _channels[id(self)] = statistics
         try:
+            self.begin_step(statistics)
             super().apply(grads, trainable_variables)
             self.finish_step(statistics)
         finally:

@@ -101,6 +101,9 @@ class TrainBatch:
         loss_function: ``fn(y, y_pred, sample_weight)`` giving the loss without the
             regularization losses, when it is not the model's compiled loss
             (:func:`~keras_curv.curvature_step`); ``None`` for the compiled loss.
+        training: The mode of the forward passes at other weights (:meth:`loss_at` and
+            the ``*_at`` products): ``True`` in a train step; :func:`~keras_curv.minimize`
+            evaluates a fixed data set in inference mode.
     """
 
     model: keras.Model
@@ -118,6 +121,7 @@ class TrainBatch:
     device: str | None = None
     replicas: list[TrainBatch] | None = None
     loss_function: Callable[[Any, Any, Any], tf.Tensor] | None = None
+    training: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------- the step graph
@@ -295,10 +299,11 @@ class TrainBatch:
     def loss_at(self, values: Sequence[tf.Tensor]) -> tf.Tensor:
         """The training loss on this batch at other trainable ``values``, statelessly.
 
-        The forward pass (in training mode) and the compiled loss, regularization
-        included, are evaluated with ``values`` in place of the trainable variables; no
-        variable (BatchNorm statistics, RNG state, metrics) is written, and random layers
-        draw the same numbers at every trial point. For line searches and trial steps.
+        The forward pass (in training mode, unless :attr:`training` says otherwise) and
+        the compiled loss, regularization included, are evaluated with ``values`` in
+        place of the trainable variables; no variable (BatchNorm statistics, RNG state,
+        metrics) is written, and random layers draw the same numbers at every trial
+        point. For line searches and trial steps.
         Not loss-scaled; per replica under a strategy.
 
         Args:
@@ -307,23 +312,35 @@ class TrainBatch:
         Returns:
             A scalar tensor.
         """
-        model = self.model
+        values = self._cast_values(values)
+        outputs, losses = self._forward_at(values)
+        return self._loss_given(values, outputs, losses)
+
+    def _cast_values(self, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         if self.x is None:
             raise ValueError(
-                "loss_at() needs the step's inputs, and this train step called "
+                "loss_at() and subset() need the step's inputs, and this train step called "
                 "`compute_loss` without `x` and without calling the model on them."
             )
-        values = [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
+        return [tf.cast(v, w.dtype) for v, w in zip(values, self.variables)]
+
+    def _forward_at(self, values: list[tf.Tensor]) -> tuple[Any, list | None]:
+        """The stateless forward pass at ``values``: outputs, and its losses if needed."""
         if self.loss_function is not None:
-            outputs, losses = stateless_outputs(
-                model, values, self.x, training=True, return_losses=True
+            return stateless_outputs(
+                self.model, values, self.x, training=self.training, return_losses=True
             )
+        return stateless_outputs(self.model, values, self.x, training=self.training), None
+
+    def _loss_given(self, values: list[tf.Tensor], outputs: Any, losses: list | None) -> tf.Tensor:
+        """The training loss at ``values`` for model outputs ``outputs``."""
+        if self.loss_function is not None:
             loss = self.loss_function(self.y, outputs, self.sample_weight)
             if losses:
                 regularization = tf.add_n([tf.cast(r, loss.dtype) for r in losses])
                 loss = loss + replica_share(regularization, self.num_replicas)
             return loss
-        outputs = stateless_outputs(model, values, self.x, training=True)
+        model = self.model
         non_trainable = [v.value for v in model.non_trainable_variables]
         metrics = [v.value for v in model.metrics_variables]
         with recording_paused():
@@ -335,9 +352,65 @@ class TrainBatch:
                 y=self.y,
                 y_pred=outputs,
                 sample_weight=self.sample_weight,
-                training=True,
+                training=self.training,
             )
         return loss
+
+    def subset(self, size: int) -> TrainBatch:
+        """The first ``size`` samples of this batch, as a batch of their own.
+
+        Its forward pass is run again on those samples, statelessly and in training mode
+        (as for :meth:`loss_at`), at the values this replica's pass read
+        (:meth:`handles`), so that its products differentiate that new pass: a smaller
+        batch for curvature statistics (``SketchySGD``'s ``hessian_batch_size``). Random
+        layers draw their own numbers there, and BatchNormalization normalises with the
+        sub-batch's statistics. Built once per size; call it under :meth:`step_graph`.
+
+        Args:
+            size: Number of samples (per replica), ≥ 1; a batch with fewer keeps all.
+
+        Returns:
+            A :class:`TrainBatch` whose ``loss`` is the compiled loss on those samples
+            (regularization included), with the same variables and loss scale.
+        """
+        key = ("subset", int(size))
+        if key not in self._cache:
+            if self.replicas is None:
+                self._cache[key] = self._subset_alone(int(size))
+            else:
+                parts = [replica._subset_alone(int(size)) for replica in self.replicas]
+                for replica, part in zip(self.replicas, parts):
+                    part.replicas = parts
+                    replica._cache[key] = part
+        return self._cache[key]
+
+    def _subset_alone(self, size: int) -> TrainBatch:
+        def head(structure):
+            if structure is None:
+                return None
+            return tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:size], structure)
+
+        x, y, weights = head(self.x), head(self.y), head(self.sample_weight)
+        part = TrainBatch(
+            model=self.model,
+            x=x,
+            y=y,
+            y_pred=None,
+            sample_weight=weights,
+            loss=None,
+            variables=self.variables,
+            loss_scale=self.loss_scale,
+            replica_id=self.replica_id,
+            num_replicas=self.num_replicas,
+            device=self.device,
+            loss_function=self.loss_function,
+            training=self.training,
+        )
+        with self.step_graph():
+            values = self._cast_values(self.handles())
+            outputs, losses = part._forward_at(values)
+            part.y_pred, part.loss = outputs, part._loss_given(values, outputs, losses)
+        return part
 
     def loss_and_gradient(self, values: Sequence[tf.Tensor]) -> tuple[tf.Tensor, list]:
         """:meth:`loss_at` ``values`` and its gradient with respect to them (dense).
@@ -350,6 +423,91 @@ class TrainBatch:
             tape.watch(values)
             loss = self.loss_at(values)
         return loss, flat.zeros_for_none(tape.gradient(loss, values), values)
+
+    def hessian_vector_product_at(
+        self, values: Sequence[tf.Tensor], tangents: Sequence[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        """``H v`` of :meth:`loss_at` at ``values``, by a fresh stateless forward pass.
+
+        Unlike :meth:`hessian_vector_product`, it does not differentiate the step's own
+        tensors, so it works where they cannot be differentiated again: inside
+        ``tf.while_loop`` and ``tf.cond`` bodies (conjugate gradients, line searches),
+        and at weights other than the step's. Costs a forward pass and two backward
+        passes. Products in float32 at least.
+
+        Args:
+            values: One tensor per trainable variable.
+            tangents: ``v``, one tensor per variable.
+
+        Returns:
+            One tensor per variable.
+        """
+        values = self._cast_values(values)
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            _, grads = self.loss_and_gradient(values)
+        tangents = [tf.cast(t, g.dtype) for t, g in zip(tangents, grads)]
+        products = flat.zeros_for_none(tape.gradient(grads, values, tangents), values)
+        return [tf.cast(p, curvature_dtype(p.dtype)) for p in products]
+
+    def gauss_newton_vector_product_at(
+        self, values: Sequence[tf.Tensor], tangents: Sequence[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        """``G v`` of :meth:`loss_at` at ``values``, by a fresh stateless forward pass.
+
+        The same matrix as :meth:`gauss_newton_vector_product` (``Jᵀ ∇²_ŷ L J`` plus the
+        exact Hessian of the part of the loss that bypasses ``y_pred``), with ``J v`` by
+        a double VJP (forward mode fails through recurrent layers' while loops), usable
+        where :meth:`hessian_vector_product_at` is.
+
+        Args:
+            values: One tensor per trainable variable.
+            tangents: ``v``, one tensor per variable.
+
+        Returns:
+            One tensor per variable, in float32 at least.
+        """
+        values = self._cast_values(values)
+        tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch(values)
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(values)
+                outputs, losses = self._forward_at(values)
+                leaves = _leaves(outputs)
+                fixed = [tf.stop_gradient(o) for o in leaves]
+                outer.watch(fixed)
+                inner.watch(fixed)
+                structure = tf.nest.pack_sequence_as(outputs, fixed)
+                loss = self._loss_given(values, structure, losses)
+            output_gradients = inner.gradient(loss, fixed, unconnected_gradients=zero)
+            direct = inner.gradient(loss, values)
+            # J v = ∂_u ⟨Jᵀu, v⟩: the backward pass is linear in u.
+            dummies = [tf.zeros_like(o) for o in leaves]
+            with tf.GradientTape() as dual:
+                dual.watch(dummies)
+                transposed = inner.gradient(leaves, values, dummies)
+                pairing = tf.add_n(
+                    [tf.zeros([], loss.dtype)]
+                    + [
+                        tf.cast(tf.reduce_sum(t * v), loss.dtype)
+                        for t, v in zip(transposed, tangents)
+                        if t is not None
+                    ]
+                )
+            jv = dual.gradient(pairing, dummies, unconnected_gradients=zero)
+        hjv = outer.gradient(output_gradients, fixed, jv, unconnected_gradients=zero)
+        products = outer.gradient(leaves, values, hjv)
+        pairs = [(d, v) for d, v in zip(direct, tangents) if d is not None]
+        if pairs:
+            extra = outer.gradient([d for d, _ in pairs], values, [v for _, v in pairs])
+            products = [
+                a if b is None else (b if a is None else a + b) for a, b in zip(products, extra)
+            ]
+        del outer, inner
+        products = flat.zeros_for_none(products, values)
+        return [tf.cast(p, curvature_dtype(p.dtype)) for p in products]
 
     # ------------------------------------------------------------------ layer taps
 
@@ -373,4 +531,3 @@ class TrainBatch:
             for c, g in zip(self.layer_calls, grads)
             if g is not None
         ]
-

@@ -49,6 +49,12 @@ def can_partition(batch: TrainBatch) -> bool:
     return True
 
 
+def class_gradient_path_of(model: keras.Model) -> str:
+    """``"partition"`` or ``"jacobian"``: the class-gradient path ``model`` gets (graph mode)."""
+    stand_in = TrainBatch(model, 0, None, None, None, tf.constant(0.0), [])
+    return "partition" if can_partition(stand_in) else "jacobian"
+
+
 def jacobian_class_gradients(
     handles: Sequence[Any], per_class: tf.Tensor, gate: StepGate, num_classes: int
 ) -> list[tf.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_curv._internal import validation
+from keras_curv._internal import memory, validation
 from keras_curv._internal.keras_privates import clipped_gradients, variable_index
 from keras_curv._internal.losses import loss_family
 from keras_curv._internal.model import output_shapes
@@ -189,6 +189,13 @@ class ClassSubspaceNewton(CurvatureOptimizer):
             return
         variables = self._trainable_variables
         num = self.num_classes
+        memory.ensure_fits(
+            num + 1,
+            variables,
+            f"ClassSubspaceNewton with C = {num} classes (C class averages and the momentum)",
+            "Use fewer classes, a smaller model, or an optimizer whose state does not grow "
+            "with C (see docs/class_subspace_newton.md#memory).",
+        )
         self._stat_dtype = variables[0].dtype
         # Derived from replica-reduced statistics, equal on every replica.
         shared = {"aggregation": "only_first_replica"}

@@ -40,7 +40,7 @@ from keras_curv._internal.keras_privates import (
 )
 from keras_curv._internal.losses import as_keras_loss, replica_share
 from keras_curv._internal.model import recording_is_paused
-from keras_curv._internal.optimizer import unwrap
+from keras_curv._internal.optimizer import unwrap, wrapper_chain
 from keras_curv.optimizers.batch import LayerCall, TrainBatch
 
 # Layers whose inputs and (pre-activation) outputs are recorded with ``layer_taps=True``.
@@ -238,11 +238,9 @@ _owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled_optimizers(model: keras.Model) -> list:
+    """The compiled optimizer and every one it wraps (loss scaling, ``Lookahead``)."""
     compiled = getattr(model, "optimizer", None)
-    if compiled is None:
-        return []
-    inner = unwrap(compiled)
-    return [compiled] if inner is compiled else [compiled, inner]
+    return [] if compiled is None else wrapper_chain(compiled)
 
 
 def _owns(model: keras.Model, optimizer: Any) -> bool:
@@ -349,9 +347,9 @@ def batch_context(optimizer: keras.optimizers.Optimizer, batch: TrainBatch) -> I
 
 
 def _loss_scale(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> Any:
-    compiled = getattr(model, "optimizer", None)
-    if isinstance(compiled, keras.optimizers.LossScaleOptimizer):
-        return compiled.dynamic_scale if compiled.built else compiled.initial_scale
+    for wrapper in wrapper_chain(getattr(model, "optimizer", None)):
+        if isinstance(wrapper, keras.optimizers.LossScaleOptimizer):
+            return wrapper.dynamic_scale if wrapper.built else wrapper.initial_scale
     factor = getattr(optimizer, "loss_scale_factor", None)
     return 1.0 if factor is None else factor
 
@@ -440,6 +438,18 @@ def _batch_from(record, model, optimizer, gradients, graph, replica, num_replica
         layer_calls=record.layer_calls,
         device=record.device,
     )
+
+
+def every_replica(optimizer: keras.optimizers.Optimizer, batch: TrainBatch) -> list[TrainBatch]:
+    """Every replica's batch of ``batch``'s step, each with :attr:`TrainBatch.replicas` set.
+
+    For statistics built once, in a cross-replica context, from all replicas' tensors:
+    inside a ``merge_call`` of a strategy that needs one (``MirroredStrategy`` over local
+    devices), where no collective can run in a ``tf.while_loop`` body (a line search's),
+    every replica's record is in the step graph and sums over replicas are plain
+    additions (:func:`~keras_curv.optimizers.replica_sum` then does them).
+    """
+    return _every_replica(batch.model, optimizer, batch.graph, batch.num_replicas)
 
 
 def _every_replica(model, optimizer, graph, num_replicas) -> list[TrainBatch]:
@@ -592,7 +602,8 @@ def _step(model, optimizer, loss_fn, training, x, y, sample_weight):
 
 
 def _loss_scale_of(optimizer: keras.optimizers.Optimizer) -> Any:
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.dynamic_scale
-    factor = getattr(optimizer, "loss_scale_factor", None)
+    for wrapper in wrapper_chain(optimizer):
+        if isinstance(wrapper, keras.optimizers.LossScaleOptimizer):
+            return wrapper.dynamic_scale
+    factor = getattr(unwrap(optimizer), "loss_scale_factor", None)
     return 1.0 if factor is None else factor

@@ -17,11 +17,22 @@ import tensorflow as tf
 from keras_curv._internal import validation
 from keras_curv._internal.keras_privates import use_fresh_collective_keys, variable_index
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
+from keras_curv.curvature.operators import LinearOperator
+from keras_curv.curvature.stability import stability_threshold
+from keras_curv.curvature.structured import (
+    BlockDiagonalOperator,
+    DiagonalOperator,
+    IdentityOperator,
+    KroneckerOperator,
+    PermutedOperator,
+)
 from keras_curv.optimizers import distribute
 from keras_curv.optimizers.shampoo_math import (
+    adam_denominator,
     adam_grafting,
+    block_order,
     block_shapes,
-    graft,
+    graft_ratio,
     inverse_root,
     merge_blocks,
     momentum,
@@ -136,12 +147,13 @@ class Shampoo(keras.optimizers.Optimizer):
         self._momentums = self.add_optimizer_variables(var_list, "momentum")
         if self.grafting == "adam":
             self._second_moments = self.add_optimizer_variables(var_list, "grafting_second_moment")
-        self._shapes, self._statistics, self._roots = [], [], []
+        self._shapes, self._statistics, self._roots, self._graft_ratios = [], [], [], []
         for variable in var_list:
             shape = preconditioner_shape(variable.shape, self.block_size, self.merge_small_axes)
             self._shapes.append(shape)
             self._statistics.append([])
             self._roots.append([])
+            self._graft_ratios.append([])
             if shape is None:
                 continue
             dtype = curvature_dtype(variable.dtype)
@@ -166,6 +178,11 @@ class Shampoo(keras.optimizers.Optimizer):
                         for k, n in enumerate(sizes)
                     ]
                 )
+                if self.grafting != "none":
+                    # The last step's ‖A‖/‖P‖ for `preconditioner()`; the update never uses it.
+                    self._graft_ratios[-1].append(
+                        self.add_variable((), "ones", dtype, name=f"{prefix}_graft_ratio_{b}")
+                    )
         self._skipped_steps = self.add_variable(
             shape=(),
             initializer="zeros",
@@ -272,10 +289,16 @@ class Shampoo(keras.optimizers.Optimizer):
         else:
             references = split_blocks(tf.reshape(reference, shape), self.block_size)
 
+        ratios = self._graft_ratios[index] or [None] * len(blocks)
         parts = []
-        for block, block_reference, block_roots in zip(blocks, references, roots):
+        for block, block_reference, block_roots, kept in zip(blocks, references, roots, ratios):
             part = precondition(block, block_roots)
-            parts.append(part if block_reference is None else graft(part, block_reference))
+            if block_reference is not None:
+                ratio = graft_ratio(part, block_reference)
+                # A zero block steps by 0 whatever the ratio: the last one is kept for P.
+                self.assign(kept, tf.where(ratio > 0, ratio, tf.convert_to_tensor(kept)))
+                part = part * ratio
+            parts.append(part)
         preconditioned = tf.reshape(merge_blocks(parts, shape, self.block_size), reference.shape)
 
         # A select, not a cond: the preconditioning is cheap next to a cond's overhead on
@@ -333,6 +356,69 @@ class Shampoo(keras.optimizers.Optimizer):
             "root_updates": tf.constant(float(updates), tf.float32),
             "skipped_steps": tf.cast(self._skipped_steps, tf.float32),
         }
+
+    @property
+    def graft_ratios(self) -> list[list[tf.Variable]]:
+        """Per trainable variable, per block, the last step's grafting ratio ``‖A‖ / ‖P‖``
+        (no entries for ``grafting="none"`` and for weights under grafting alone)."""
+        self._check_built()
+        return [list(ratios) for ratios in self._graft_ratios]
+
+    def preconditioner(self) -> BlockDiagonalOperator | None:
+        """The last step's ``P``, its direction being ``D = P⁻¹ g`` (protocol, read only).
+
+        Per preconditioned block ``(L̂^(−1/4) ⊗ R̂^(−1/4))⁻¹ / s`` from the cached inverse
+        roots (``−1/2p`` for rank ``p``) and the last grafting ratio ``s``; for weights of
+        rank ``< 2``, and for every weight before ``start_preconditioning_step``, grafting's
+        own ``diag(√v̂ + ε_g)`` (``"adam"``) or ``I``. In the flat layout of the
+        optimizer's variables; ``None`` before the first step.
+        """
+        self._check_built()
+        # Update steps (micro-batches over the accumulation), as `update_step` numbers them.
+        count = int(np.asarray(self.iterations))
+        if count == 0:
+            return None
+        active = count - 1 >= self._start
+        return BlockDiagonalOperator(
+            [
+                self._shampoo_preconditioner(index)
+                if active and shape is not None
+                else self._grafting_preconditioner(index, count)
+                for index, shape in enumerate(self._shapes)
+            ]
+        )
+
+    def _grafting_preconditioner(self, index: int, count: int) -> LinearOperator:
+        variable = self._trainable_variables[index]
+        dtype = curvature_dtype(variable.dtype)
+        if self.grafting != "adam":
+            return IdentityOperator(int(np.prod(variable.shape)), 1.0, dtype)
+        v = tf.cast(tf.reshape(tf.convert_to_tensor(self._second_moments[index]), [-1]), dtype)
+        return DiagonalOperator(adam_denominator(v, count, self.beta_2, self.grafting_epsilon))
+
+    def _shampoo_preconditioner(self, index: int) -> LinearOperator:
+        roots = self._roots[index]
+        ratios = self._graft_ratios[index] or [None] * len(roots)
+        blocks = []
+        for block_roots, ratio in zip(roots, ratios):
+            inverse = KroneckerOperator([tf.convert_to_tensor(r) for r in block_roots]).power(-1)
+            factors = list(inverse.factors)
+            if ratio is not None:
+                factors[0] = factors[0] / tf.cast(ratio, factors[0].dtype)
+            blocks.append(KroneckerOperator(factors))
+        if len(blocks) == 1:
+            return blocks[0]
+        order = block_order(self._shapes[index], self.block_size)
+        operator = BlockDiagonalOperator(blocks)
+        # Blocks cut along the first axis only are consecutive in the flat layout.
+        if np.array_equal(order.numpy(), np.arange(operator.dim)):
+            return operator
+        return PermutedOperator(operator, order)
+
+    def stability_threshold(self) -> float:
+        """``(2 + 2β1) / ((1 − β1) η)``: ``m`` is an EMA of the direction (as Adam's)."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.beta_1, "ema")
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -91,6 +91,16 @@ def merge_blocks(parts: Sequence[tf.Tensor], shape: Sequence[int], block_size: i
     return parts[0]
 
 
+def block_order(shape: Sequence[int], block_size: int) -> tf.Tensor:
+    """The row-major flat indices of a tensor of ``shape``, block after block (in
+    :func:`split_blocks` order): where each block's entries sit in the flat layout."""
+    size = 1
+    for n in shape:
+        size *= int(n)
+    indices = tf.reshape(tf.range(size, dtype=tf.int64), shape)
+    return tf.concat([tf.reshape(b, [-1]) for b in split_blocks(indices, block_size)], 0)
+
+
 # ------------------------------------------------------------------ statistics
 
 
@@ -181,13 +191,24 @@ def adam_grafting(
     dtype = gradient.dtype
     beta = exact_cast(beta_2, dtype)
     v = beta * tf.cast(second_moment, dtype) + (1 - beta) * tf.square(gradient)
-    correction = 1 - tf.pow(beta, tf.cast(step, dtype))
-    return gradient / (tf.sqrt(v / correction) + exact_cast(epsilon, dtype)), v
+    return gradient / adam_denominator(v, step, beta_2, epsilon), v
+
+
+def adam_denominator(second_moment: Any, step: Any, beta_2: float, epsilon: float) -> tf.Tensor:
+    """``√(v / (1 − β₂ᵗ)) + ε``: what Adam grafting divides the gradient by."""
+    v = tf.convert_to_tensor(second_moment)
+    correction = 1 - tf.pow(exact_cast(beta_2, v.dtype), tf.cast(step, v.dtype))
+    return tf.sqrt(v / correction) + exact_cast(epsilon, v.dtype)
+
+
+def graft_ratio(direction: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+    """``‖reference‖ / ‖direction‖`` (Frobenius norms; 0 where ``direction`` is 0)."""
+    return tf.math.divide_no_nan(tf.norm(reference), tf.norm(direction))
 
 
 def graft(direction: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
-    """``direction · ‖reference‖ / ‖direction‖`` (Frobenius norms; 0 where ``direction`` is 0)."""
-    return direction * tf.math.divide_no_nan(tf.norm(reference), tf.norm(direction))
+    """``direction · ‖reference‖ / ‖direction‖``: the reference's norm, the direction's way."""
+    return direction * graft_ratio(direction, reference)
 
 
 def momentum(

@@ -29,6 +29,7 @@ def test_convergence_and_target_sections_report_the_best_rate(monkeypatch):
     baseline = min(entry["optimizers"][n]["final_loss"] for n in ("adam", "sgd_momentum"))
     # The target is 1.1 x the best baseline loss over the epochs, at most its last loss.
     assert entry["target_loss"] <= 1.1 * baseline + 1e-12
-    best_baseline = min(entry["optimizers"][n]["epochs_to_target"] or 99 for n in ("adam",
-                                                                                   "sgd_momentum"))
+    best_baseline = min(
+        entry["optimizers"][n]["epochs_to_target"] or 99 for n in ("adam", "sgd_momentum")
+    )
     assert best_baseline <= 2

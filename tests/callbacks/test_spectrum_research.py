@@ -1,7 +1,7 @@
 """HessianSpectrum's research measurements against dense float64 oracles on a tiny model.
 
 Per-block spectra (blocks sliced from the dense Hessian), the preconditioned sharpness
-(P^-1/2 H P^-1/2 formed densely, for Adam's diagonal P and for a Kronecker P), the
+(P^-1/2 H P^-1/2 formed densely, for Adam's diagonal P, a Kronecker P and Shampoo's), the
 curvature model's quality, and training left bit-for-bit unchanged by all of them.
 """
 
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_curv import AdaHessian, ClassSubspaceNewton
+from keras_curv import AdaHessian, ClassSubspaceNewton, Shampoo
 from keras_curv._internal.flat import variable_ranges
 from keras_curv.callbacks import HessianSpectrum
 from keras_curv.curvature import BlockDiagonalOperator, KroneckerOperator, stability_threshold
 from tests.callbacks.conftest import dense_spectrum, mean_xent, tiny_data, tiny_model
 from tests.curvature.helpers import dense_ggn
+from tests.optimizers._shampoo_reference import dense_preconditioner
 
 XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 EXACT = {"tol": 1e-10, "every_n_epochs": 1}
@@ -141,6 +142,21 @@ def test_kronecker_preconditioned_sharpness_matches_the_dense_congruence():
     assert history["preconditioned_sharpness"][-1] == pytest.approx(expected, rel=1e-7)
 
 
+def test_shampoo_preconditioned_sharpness_matches_the_dense_congruence():
+    """Blocks of 3 cut the (4, 5) kernel along both axes; biases use Adam grafting's diagonal."""
+    x, y = tiny_data()
+    model = tiny_model()
+    optimizer = Shampoo(
+        0.05, beta_2=0.9, block_size=3, precondition_every=2, start_preconditioning_step=1
+    )
+    history = fit(model, optimizer, [HessianSpectrum((x, y), **EXACT)]).history
+    _, _, h = dense_spectrum(model, x, y)
+    root = dense_root(dense_preconditioner(optimizer), -0.5)
+    expected = np.linalg.eigvalsh(root @ h @ root)[-1]
+    assert np.isfinite(expected) and expected > 0
+    assert history["preconditioned_sharpness"][-1] == pytest.approx(expected, rel=1e-7)
+
+
 def test_adahessian_curvature_model_quality_against_dense_values():
     x, y = tiny_data()
     model = tiny_model()
@@ -212,8 +228,9 @@ def test_curvature_model_against_the_dense_gauss_newton_matrix():
         lambda: keras.optimizers.Adam(0.01),
         lambda: AdaHessian(0.05, seed=0),
         lambda: ClassSubspaceNewton(0.1, damping=1.0, momentum=0.5),
+        lambda: Shampoo(0.05, block_size=3, precondition_every=2, start_preconditioning_step=1),
     ],
-    ids=["adam", "adahessian", "csn"],
+    ids=["adam", "adahessian", "csn", "shampoo"],
 )
 def test_training_is_bit_identical_with_every_measurement(make):
     x, y = tiny_data()

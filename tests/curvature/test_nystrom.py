@@ -1,9 +1,11 @@
-"""``top_eigenpairs(method="nystrom")``: block subspace iteration with Rayleigh–Ritz."""
+"""``top_eigenpairs(method="nystrom")`` (block subspace iteration with Rayleigh–Ritz) and
+``nystrom_factors`` (the one-pass randomized Nyström approximation)."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_curv.curvature import DenseOperator, top_eigenpairs
+from keras_curv.curvature import DenseOperator, nystrom_factors, top_eigenpairs
 
 
 def known_operator(eigenvalues, seed=0):
@@ -72,3 +74,63 @@ def test_bad_init_shape():
     op, _ = known_operator(np.arange(10.0))
     with pytest.raises(ValueError, match=r"init.*\(10,\)"):
         top_eigenpairs(op, 2, method="nystrom", init=np.ones((5, 2)))
+
+
+# ------------------------------------------------------------------- nystrom_factors
+
+
+def _test_matrix(dim, size, seed=0):
+    return np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, size)))[0]
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        np.concatenate([np.geomspace(100.0, 1.0, 8), np.full(92, 0.01)]),
+        np.concatenate([np.geomspace(5.0, 1.0, 6), np.zeros(54)]),  # rank 6 < sketch 12
+    ],
+    ids=["spiked", "low_rank"],
+)
+def test_nystrom_factors_equal_the_dense_formula(spectrum):
+    op, _ = known_operator(spectrum)
+    a = op.matrix.numpy()
+    omega = _test_matrix(a.shape[0], 12)
+    y = a @ omega
+    vals, vecs = (t.numpy() for t in nystrom_factors(tf.constant(omega), tf.constant(y)))
+    dense = y @ np.linalg.pinv(omega.T @ y, rcond=1e-12) @ y.T  # Y (ΩᵀY)⁺ Yᵀ
+    np.testing.assert_allclose((vecs * vals) @ vecs.T, dense, atol=1e-10 * spectrum.max())
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(12), atol=1e-10)
+    assert np.all(np.diff(vals) <= 0) and np.all(vals >= 0)
+    # Â ⪯ A: the approximation never exceeds the operator in any direction.
+    assert np.linalg.eigvalsh(a - dense).min() > -1e-9 * spectrum.max()
+
+
+def test_nystrom_factors_recover_a_low_rank_operator_exactly():
+    spectrum = np.concatenate([[9.0, 4.0, 2.0], np.zeros(37)])
+    op, q = known_operator(spectrum)
+    omega = _test_matrix(40, 5, seed=1)
+    vals, vecs = nystrom_factors(tf.constant(omega), op.matmat(tf.constant(omega)))
+    np.testing.assert_allclose(vals.numpy()[:3], spectrum[:3], rtol=1e-10)
+    np.testing.assert_allclose(vals.numpy()[3:], 0.0, atol=1e-10)
+    cosines = np.abs(np.sum(vecs.numpy()[:, :3] * q[:, :3], axis=0))
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-10)
+
+
+def test_nystrom_factors_of_an_indefinite_operator_keep_its_positive_part():
+    spectrum = np.array([6.0, 3.0, -4.0, -1.0, 0.5, 0.2])
+    op, _ = known_operator(spectrum, seed=4)
+    omega = _test_matrix(6, 6, seed=2)  # the whole space: the core is Ωᵀ A Ω, indefinite
+    vals, _ = nystrom_factors(tf.constant(omega), op.matmat(tf.constant(omega)))
+    assert np.all(np.isfinite(vals.numpy())) and np.all(vals.numpy() >= 0)
+    np.testing.assert_allclose(vals.numpy()[:2], [6.0, 3.0], rtol=1e-10)
+
+
+def test_nystrom_factors_in_float32_under_xla():
+    op, _ = known_operator(np.concatenate([np.geomspace(50.0, 1.0, 5), np.full(45, 0.1)]))
+    omega = _test_matrix(50, 8)
+    y = op.matrix.numpy() @ omega
+    exact = nystrom_factors(tf.constant(omega), tf.constant(y))[0].numpy()
+    compiled = tf.function(nystrom_factors, jit_compile=True)
+    vals, _ = compiled(tf.constant(omega, tf.float32), tf.constant(y, tf.float32))
+    assert vals.dtype == tf.float32
+    np.testing.assert_allclose(vals.numpy(), exact, rtol=1e-4, atol=1e-4)

@@ -187,3 +187,33 @@ def test_adahessian_vs_adam(tmp_path):
         _check_curves(record, epochs=2)
     ratio = data["runs"]["AdaHessian"]["step_seconds"] / data["runs"]["Adam"]["step_seconds"]
     assert data["step_time_ratio_adahessian_over_adam"] == pytest.approx(ratio)
+
+
+@pytest.mark.slow
+def test_pinn_convection(tmp_path):
+    data = _run("pinn_convection", tmp_path)
+    _png(tmp_path / "pinn_convection_loss.png")
+    _png(tmp_path / "pinn_convection_spectrum.png")
+    stages = data["stages"]
+    assert list(stages) == [
+        "initial", "adam", "lbfgs", "nys_newton_cg", "nys_newton_cg_ggn", "lbfgs_continued"
+    ]  # fmt: skip
+    for stage in stages.values():
+        assert _finite([stage["loss"], stage["gradient_norm"], stage["l2re"]])
+    # Every stage starts where the previous ended, and none raises the loss.
+    assert stages["adam"]["loss"] < stages["initial"]["loss"]
+    assert stages["lbfgs"]["loss"] <= stages["adam"]["loss"]
+    assert stages["nys_newton_cg"]["loss"] <= stages["lbfgs"]["loss"]
+    assert stages["nys_newton_cg_ggn"]["loss"] <= stages["lbfgs"]["loss"]
+    assert len(data["nncg_ggn_curve"]) == stages["nys_newton_cg_ggn"]["iterations"]
+    assert data["nncg_lowered_loss"] == (stages["nys_newton_cg"]["loss"] < stages["lbfgs"]["loss"])
+    curve = data["loss_curve"]
+    total = data["args"]["adam_iterations"] + stages["lbfgs"]["iterations"]
+    assert len(curve) == total + stages["nys_newton_cg"]["iterations"]
+    assert curve[total - 1] == pytest.approx(stages["lbfgs"]["loss"], rel=1e-5)
+    # The control L-BFGS run starts from L-BFGS's end and does not raise the loss.
+    assert stages["lbfgs_continued"]["loss"] <= stages["lbfgs"]["loss"]
+    # Preconditioning brings the largest eigenvalue down (P⁻¹ᐟ² contracts).
+    spectrum = data["spectrum"]
+    assert spectrum["after"]["largest"] < spectrum["before"]["largest"]
+    assert len(spectrum["nystrom_eigenvalues"]) == data["args"]["rank"]

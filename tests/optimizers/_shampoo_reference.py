@@ -96,3 +96,43 @@ def step(state, w, g, s, hp):
     state.m = b1 * state.m + (1 - b1) * direction
     w = w * (1 - hp["lr"] * hp.get("weight_decay", 0.0))
     return w - hp["lr"] * state.m / (1 - b1**t)
+
+
+def dense_preconditioner(optimizer):
+    """Shampoo's ``P`` of its last step, dense, from its state (``docs/shampoo.md``).
+
+    Per preconditioned block, the Kronecker product of the inverted roots over the flat
+    indices of the block's entries (found by index ranges), divided by the block's last
+    grafting ratio; ``diag(√v̂ + ε_g)`` (or ``I``) for the weights under grafting alone.
+    """
+    t = int(optimizer.iterations.numpy())
+    start = optimizer.start_preconditioning_step
+    start = optimizer.precondition_every if start is None else start
+    parts = []
+    for i, variable in enumerate(optimizer._trainable_variables):
+        n = int(np.prod(variable.shape))
+        layout = optimizer.preconditioner_shapes()[i]
+        if layout is None or t - 1 < start:
+            d = np.ones(n)
+            if optimizer.grafting == "adam":
+                v = np.asarray(optimizer._second_moments[i]).reshape(-1)
+                d = np.sqrt(v / (1 - optimizer.beta_2**t)) + optimizer.grafting_epsilon
+            parts.append(np.diag(d))
+            continue
+        dense = np.zeros((n, n))
+        flat = np.arange(n).reshape(layout)
+        ranges = itertools.product(*(_ranges(k, optimizer.block_size) for k in layout))
+        ratios = optimizer.graft_ratios[i] or [1.0] * len(optimizer.inverse_roots[i])
+        for index, roots, ratio in zip(ranges, optimizer.inverse_roots[i], ratios):
+            entries = flat[np.ix_(*index)].reshape(-1)
+            block = np.ones((1, 1))
+            for root in roots:
+                block = np.kron(block, np.linalg.inv(np.asarray(root, np.float64)))
+            dense[np.ix_(entries, entries)] = block / float(np.asarray(ratio))
+        parts.append(dense)
+    size = sum(len(p) for p in parts)
+    out, offset = np.zeros((size, size)), 0
+    for p in parts:
+        out[offset : offset + len(p), offset : offset + len(p)] = p
+        offset += len(p)
+    return out

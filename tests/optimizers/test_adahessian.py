@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from keras_curv.optimizers import AdaHessian, CurvatureContextError, curvature_step
+from tests.architectures import ZOO, first_epoch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -48,7 +49,7 @@ def _regression_data(n=8, inputs=3, outputs=2, seed=1):
 # ----------------------------------------------------------------- golden values
 
 
-def _numpy_adahessian(w0, batches, lr, b1, b2, eps, k, update_each, wd):
+def _numpy_adahessian(w0, batches, lr, b1, b2, eps, k, update_each, wd, cap=None):
     """Independent transcription of the update for ``mean((x W - y)^2)``, W with no bias.
 
     Each batch has orthogonal input columns, so the Hessian in W is diagonal and
@@ -69,16 +70,25 @@ def _numpy_adahessian(w0, batches, lr, b1, b2, eps, k, update_each, wd):
             v = b2 * v + (1 - b2) * diag**2
             tau += 1
         den = (np.sqrt(v) / np.sqrt(1 - b2**tau)) ** k + eps
-        w = w - lr * (m / (1 - b1**t)) / den
+        direction = (m / (1 - b1**t)) / den
+        w = w - lr * (direction if cap is None else np.clip(direction, -cap, cap))
     return w
 
 
 @pytest.mark.parametrize(
-    "k, update_each, wd",
-    [(1.0, 1, None), (0.5, 1, None), (1.0, 2, None), (1.0, 1, 0.05), (0.5, 3, 0.05)],
+    "k, update_each, wd, cap",
+    [
+        (1.0, 1, None, None),
+        (0.5, 1, None, None),
+        (1.0, 2, None, None),
+        (1.0, 1, 0.05, None),
+        (0.5, 3, 0.05, None),
+        (1.0, 1, None, 0.3),
+        (0.5, 3, 0.05, 0.3),
+    ],
     ids=str,
 )
-def test_golden_values_through_fit(k, update_each, wd):
+def test_golden_values_through_fit(k, update_each, wd, cap):
     rng = np.random.RandomState(0)
     hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], float)
     steps = 7
@@ -93,12 +103,12 @@ def test_golden_values_through_fit(k, update_each, wd):
     w0 = model.get_weights()[0].copy()
     opt = AdaHessian(
         learning_rate=0.0625, beta_1=0.8, beta_2=0.9, epsilon=1e-3, hessian_power=k,
-        update_each=update_each, weight_decay=wd,
+        update_each=update_each, weight_decay=wd, step_cap=cap,
     )  # fmt: skip
     model.compile(optimizer=opt, loss=_mse64())
     model.fit(np.concatenate(xs), np.concatenate(ys), batch_size=4, shuffle=False, verbose=0)
     expected = _numpy_adahessian(
-        w0, list(zip(xs, ys)), 0.0625, 0.8, 0.9, 1e-3, k, update_each, wd or 0.0
+        w0, list(zip(xs, ys)), 0.0625, 0.8, 0.9, 1e-3, k, update_each, wd or 0.0, cap
     )
     # rtol 1e-6, not 1e-12: Keras's compiled loss rounds through floatx (float32) once.
     np.testing.assert_allclose(model.get_weights()[0], expected, rtol=1e-6, atol=1e-9)
@@ -279,6 +289,33 @@ class SubclassedNet(keras.Model):
 
     def call(self, x):
         return self.out(self.hidden(x))
+
+
+# ------------------------------------------------------------------ safe defaults
+
+_FAST_ZOO = ("mlp", "two_input")  # the models on which the authors' rule blows up
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in _FAST_ZOO else pytest.param(n, marks=pytest.mark.slow) for n in ZOO],
+)
+def test_defaults_lower_the_loss_in_the_first_epoch(name):
+    """[7/8]: ``AdaHessian()`` at its defaults never raises the first epoch's loss."""
+    result = first_epoch(name, AdaHessian())
+    # Against the training-mode loss of the initial weights: BatchNormalization and
+    # Dropout make the inference-mode loss a different quantity.
+    assert result["mean"] < result["initial_training"]
+    assert result["last"] < 0.9 * result["initial_training"]
+    # The cap bounds every coordinate's move: lr · step_cap per step, 16 steps.
+    assert result["max_weight_change"] <= 16 * 0.15 * 1.0 * (1 + 1e-6)
+
+
+def test_the_authors_rule_blows_up_where_the_cap_does_not():
+    """``step_cap=None`` (the authors' rule and defaults) raises the MLP's loss."""
+    paper = first_epoch("mlp", AdaHessian(step_cap=None))
+    assert paper["mean"] > paper["initial_training"]
+    assert paper["max_weight_change"] > 10  # far beyond the cap's bound of 2.4
 
 
 @pytest.mark.slow
