@@ -65,25 +65,23 @@ class KroneckerBlockOperator(LinearOperator):
         if isinstance(block, DepthwiseBlock):
             shape = [k, -1, block.channels, block.g_dim]
             kernel = tf.transpose(tf.reshape(parts[0], shape), [0, 2, 1, 3])
-            bias = [tf.reshape(parts[1], [k, block.channels, 1, block.g_dim])]
         else:
             kernel = tf.reshape(parts[0], [k, -1, block.g_dim])
-            bias = [parts[1][:, None]]
-        return tf.concat([kernel, *bias], axis=-2) if block.has_bias else kernel
+        if not block.has_bias:
+            return kernel
+        # The bias is the homogeneous (last) row: (k, 1, O), or (k, C, 1, M) per channel.
+        bias = tf.reshape(parts[1], tf.concat([tf.shape(kernel)[:-2], [1, block.g_dim]], 0))
+        return tf.concat([kernel, bias], axis=-2)
 
     def _rows(self, matrices: tf.Tensor) -> tf.Tensor:
         """The inverse of :meth:`_matrices`."""
         k = tf.shape(matrices)[0]
-        kernel, bias = (
-            (matrices[..., :-1, :], matrices[..., -1, :])
-            if self.block.has_bias
-            else (matrices, None)
-        )
+        kernel = matrices[..., :-1, :] if self.block.has_bias else matrices
         if isinstance(self.block, DepthwiseBlock):
             kernel = tf.transpose(kernel, [0, 2, 1, 3])
-        parts = [tf.reshape(kernel, [k, -1])] + (
-            [] if bias is None else [tf.reshape(bias, [k, -1])]
-        )
+        parts = [tf.reshape(kernel, [k, -1])]
+        if self.block.has_bias:
+            parts.append(tf.reshape(matrices[..., -1, :], [k, -1]))
         return tf.concat(parts, axis=1)
 
     def _matmat(self, block):

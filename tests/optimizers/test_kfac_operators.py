@@ -120,27 +120,57 @@ def test_every_block_kind_and_a_stale_inverse():
 FACTOR_SIZES = pytest.mark.parametrize("max_factor_size", [2048, 3], ids=["full", "diagonal"])
 
 
-@FACTOR_SIZES
-def test_preconditioner_reproduces_the_step_it_takes(max_factor_size):
+def assert_next_step_is_lr_p_inverse_g(model, batch_x, batch_y):
     """θ₀ − θ₁ = η P⁻¹ g for the next step's gradient g (momentum 0, no norm constraint)."""
-    model, x, y = trained(max_factor_size=max_factor_size)
     optimizer = model.optimizer
-    batch_x, batch_y = x[-8:], y[-8:]
     before = [v.numpy().copy() for v in model.trainable_variables]
     with tf.GradientTape() as tape:
         loss = XENT(batch_y, model(batch_x, training=True))
     g = np.concatenate(
-        [t.numpy().reshape(-1) for t in tape.gradient(loss, model.trainable_variables)]
+        [
+            tf.convert_to_tensor(t).numpy().reshape(-1)
+            for t in tape.gradient(loss, model.trainable_variables)
+        ]
     )
     model.train_on_batch(batch_x, batch_y)
-    # Iteration 4: no inverse update (every 3), so P's eigendecompositions are stale.
-    assert int(optimizer.inverse_updates.numpy()) == 2
     step = np.concatenate(
         [(b - v.numpy()).reshape(-1) for b, v in zip(before, model.trainable_variables)]
     )
     lr = float(optimizer.learning_rate.numpy())
     predicted = lr * optimizer.preconditioner().power(-1).matvec(g).numpy()
     np.testing.assert_allclose(step, predicted, rtol=1e-11, atol=1e-13 * np.abs(step).max())
+
+
+@FACTOR_SIZES
+def test_preconditioner_reproduces_the_step_it_takes(max_factor_size):
+    model, x, y = trained(max_factor_size=max_factor_size)
+    assert_next_step_is_lr_p_inverse_g(model, x[-8:], y[-8:])
+    # Iteration 4: no inverse update (every 3), so P's eigendecompositions were stale.
+    assert int(model.optimizer.inverse_updates.numpy()) == 2
+
+
+def test_embedding_block_with_its_diagonal_input_factor():
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 7, (24, 3)), rng.integers(0, 3, 24)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(7, 2, **F64),
+            keras.layers.Flatten(**F64),
+            keras.layers.Dense(3, **F64),
+        ]
+    )
+    model.compile(optimizer=KFAC(0.05, momentum=0.0, norm_constraint=None, seed=0), loss=XENT)
+    model.fit(x[:16], y[:16], batch_size=8, shuffle=False, verbose=0)
+    assert [b["kind"] for b in model.optimizer.blocks] == ["kronecker", "kronecker"]
+    assert "a_vectors" not in model.optimizer._eigens[0]  # the token frequencies
+    assert_next_step_is_lr_p_inverse_g(model, x[16:], y[16:])
+    p = model.optimizer.preconditioner()
+    np.testing.assert_allclose(
+        p.to_dense(), dense_kfac(model.optimizer, float(model.optimizer.current_damping.numpy())),
+        rtol=1e-10, atol=1e-13,
+    )  # fmt: skip
 
 
 @FACTOR_SIZES
