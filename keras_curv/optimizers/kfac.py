@@ -1,8 +1,9 @@
 """``KFAC``: Kronecker-factored natural gradient (Martens & Grosse 2015) through ``fit``.
 
 The math is in :mod:`~keras_curv.optimizers.kfac_math` (pure functions), the likelihoods
-in :mod:`~keras_curv.optimizers.kfac_fisher` and the per-layer blocks in
-:mod:`~keras_curv.optimizers.kfac_blocks`; this module is the Keras shell: arguments,
+in :mod:`~keras_curv.optimizers.kfac_fisher`, the per-layer blocks in
+:mod:`~keras_curv.optimizers.kfac_blocks` and their operators for the diagnostics in
+:mod:`~keras_curv.optimizers.kfac_operators`; this module is the Keras shell: arguments,
 state, the step's statistics and the per-variable update. ``docs/kfac.md`` explains the
 method, its defaults and its cost.
 """

@@ -121,7 +121,8 @@ FACTOR_SIZES = pytest.mark.parametrize("max_factor_size", [2048, 3], ids=["full"
 
 
 def assert_next_step_is_lr_p_inverse_g(model, batch_x, batch_y):
-    """θ₀ − θ₁ = η P⁻¹ g for the next step's gradient g (momentum 0, no norm constraint)."""
+    """θ₀ − θ₁ = ν η P⁻¹ g for the next step's gradient g (momentum 0; ν the norm constraint's
+    scale, which stays out of P)."""
     optimizer = model.optimizer
     before = [v.numpy().copy() for v in model.trainable_variables]
     with tf.GradientTape() as tape:
@@ -137,8 +138,10 @@ def assert_next_step_is_lr_p_inverse_g(model, batch_x, batch_y):
         [(b - v.numpy()).reshape(-1) for b, v in zip(before, model.trainable_variables)]
     )
     lr = float(optimizer.learning_rate.numpy())
-    predicted = lr * optimizer.preconditioner().power(-1).matvec(g).numpy()
+    nu = float(optimizer._last["norm_constraint_scale"].numpy())  # float64, not the summary's
+    predicted = nu * lr * optimizer.preconditioner().power(-1).matvec(g).numpy()
     np.testing.assert_allclose(step, predicted, rtol=1e-11, atol=1e-13 * np.abs(step).max())
+    return nu
 
 
 @FACTOR_SIZES
@@ -147,6 +150,11 @@ def test_preconditioner_reproduces_the_step_it_takes(max_factor_size):
     assert_next_step_is_lr_p_inverse_g(model, x[-8:], y[-8:])
     # Iteration 4: no inverse update (every 3), so P's eigendecompositions were stale.
     assert int(model.optimizer.inverse_updates.numpy()) == 2
+
+
+def test_the_norm_constraint_stays_out_of_the_preconditioner():
+    model, x, y = trained(norm_constraint=1e-7)
+    assert assert_next_step_is_lr_p_inverse_g(model, x[-8:], y[-8:]) < 0.1
 
 
 def test_embedding_block_with_its_diagonal_input_factor():
