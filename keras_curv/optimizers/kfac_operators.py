@@ -1,10 +1,10 @@
 """K-FAC's curvature as structured operators in the flat layout (the optimizer protocol).
 
 A Kronecker block is held in the eigenbases its update uses, so that its powers (``P⁻¹``,
-``P^{-1/2}``) are closed-form and exact for that eigendecomposition; diagonal blocks are
-:class:`~keras_curv.curvature.DiagonalOperator`\\ s (isotropic ones
-:class:`~keras_curv.curvature.IdentityOperator`\\ s). :func:`flat_operator` puts them in
-the flat layout of :mod:`keras_curv._internal.flat`. ``docs/kfac.md`` ("Diagnostics").
+``P^{-1/2}``) are closed-form and exact for that eigendecomposition; a diagonal variable
+gets a ``DiagonalOperator`` (an isotropic one an ``IdentityOperator``). :func:`flat_operator`
+puts them in the flat layout of :mod:`keras_curv._internal.flat`. ``docs/kfac.md``
+("Diagnostics").
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ class KroneckerBlockOperator(LinearOperator):
     r"""One Kronecker block ``(Qa Sa Qaᵀ) ⊗ (Qg Sg Qgᵀ)`` on its variables' flat layout.
 
     Acts on the block's variables (kernel, then bias) flattened row-major one after the
-    other; the block's own :meth:`~KroneckerBlock.to_matrix` arranges them as the
-    ``(P, O)`` matrix (``(C, P, O)`` per channel for a depthwise convolution) the factors
-    act on, the bias as the last (homogeneous) row. ``power(p)`` raises the scales.
+    other, arranged as :meth:`KroneckerBlock.to_matrix` arranges them (a ``(P, O)``
+    matrix, ``(C, P, O)`` per channel for a depthwise convolution, the bias as the last,
+    homogeneous, row). ``power(p)`` raises the scales.
 
     Args:
         block: The :class:`KroneckerBlock` (or :class:`DepthwiseBlock`).
@@ -95,6 +95,7 @@ class KroneckerBlockOperator(LinearOperator):
         return self._matmat(v[:, None])[:, 0]
 
     def power(self, p: float) -> LinearOperator:
+        p = float(p)
         minimum = min(float(tf.reduce_min(s)) for s in self.scales)
         if (p < 0 and minimum <= 0) or (p != int(p) and minimum < 0):
             raise ValueError(
