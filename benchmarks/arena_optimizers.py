@@ -4,8 +4,9 @@ Each entry builds the optimizer at a learning rate (the grid's variable) and a s
 (probe and label draws); everything else stays at the optimizer's defaults, so the arena
 measures what a user gets from ``keras_curv.X(learning_rate=...)``. The grid centre is
 the optimizer's default rate; the grid spans a decade each way in half-decade steps.
-The full-batch solvers have no rate to tune (their line search or trust region picks the
-step): they run once per seed at their defaults and say so (``grid: none``).
+The full-batch solvers and SketchySGD have no rate to tune (a line search, a trust
+region or SketchySGD's automatic step size picks the step): they run once per seed at
+their defaults and say so (``lr: none``).
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def contestants() -> dict[str, Contestant]:
             lambda lr, s: k.Sophia(lr, estimator="gauss_newton_bartlett", seed=s),
         ),
         Contestant("shampoo", "Shampoo (package defaults)", 1e-3, lambda lr, s: k.Shampoo(lr)),
-        Contestant("kfac", "K-FAC (package defaults)", 1e-3, lambda lr, s: k.KFAC(lr, seed=s)),
+        Contestant("kfac", "K-FAC (package defaults)", 0.1, lambda lr, s: k.KFAC(lr, seed=s)),
         Contestant(
-            "sketchy_sgd", "SketchySGD (package defaults)", 0.5,
-            lambda lr, s: k.SketchySGD(lr, seed=s),
+            "sketchy_sgd", "SketchySGD (package defaults: automatic step size)", None,
+            lambda lr, s: k.SketchySGD(seed=s),
         ),
-        Contestant("osgm", "OSGM (package defaults)", 1.0, lambda lr, s: k.OSGM(lr)),
+        Contestant(
+            "osgm", "OSGM (package defaults; the rate is the online learner's)", 1e-3,
+            lambda lr, s: k.OSGM(lr),
+        ),
         Contestant(
             "lookahead_adam", "Lookahead around keras Adam (k=5, alpha=0.5)", 1e-3,
             lambda lr, s: k.Lookahead(keras.optimizers.Adam(lr)),

@@ -38,8 +38,12 @@ def ranking(entry: dict) -> list[tuple[str, dict]]:
     return sorted(entry["contestants"].items(), key=key)
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes} B" if num_bytes < 1024 else f"{num_bytes / 1024:.0f} KiB"
+
+
 def _rate(value) -> str:
-    return "none (line search)" if value is None else f"{value:g}"
+    return "none (automatic)" if value is None else f"{value:g}"
 
 
 def workload_table(name: str, entry: dict, images: str) -> list[str]:
@@ -65,7 +69,7 @@ def workload_table(name: str, entry: dict, images: str) -> list[str]:
             f"| {rank} | {cname} | {_rate(c['learning_rate'])} | {s['reached']}/{s['seeds']} | "
             f"{_pm(s['steps_to_target'], '.0f')} | {_pm(s['seconds_to_target'], '.1f')} | "
             f"{_pm(s['final_test'], spec)} | {_pm(s['step_ms'], '.2f')} | "
-            f"{_pm(s['first_epoch_seconds'], '.1f')} | {s['state_bytes'] / 1024:.0f} KiB | "
+            f"{_pm(s['first_epoch_seconds'], '.1f')} | {_size(s['state_bytes'])} | "
             f"{s['diverged']}/{s['seeds']} ({grid}) |"
         )
     for cname, reason in entry.get("refused", {}).items():
@@ -100,12 +104,15 @@ def plot(result: dict, out: Path) -> list[Path]:
     files = []
     for name, entry in result["workloads"].items():
         fig, ax = plt.subplots(figsize=(7, 4))
-        for cname, c in ranking(entry):
+        colors = plt.get_cmap("tab20").colors
+        for index, (cname, c) in enumerate(ranking(entry)):
             if not c["runs"]:
                 continue
             run = c["runs"][0]
             values = [v if math.isfinite(v) else float("nan") for v in run["val_score"]]
-            ax.plot(run["seconds"], values, marker=".", label=cname)
+            style = "-" if index % 2 == 0 else "--"
+            color = colors[index % len(colors)]
+            ax.plot(run["seconds"], values, style, marker=".", label=cname, color=color)
         ax.axhline(entry["target"], color="k", lw=0.8, ls="--")
         ax.set_xlabel("seconds (fit wall time, tracing included; seed 0)")
         ax.set_ylabel(SCORE_NAMES[entry["score"]].rstrip(" ≥≤"))

@@ -1,8 +1,9 @@
 """``KFAC``: Kronecker-factored natural gradient (Martens & Grosse 2015) through ``fit``.
 
 The math is in :mod:`~keras_curv.optimizers.kfac_math` (pure functions), the likelihoods
-in :mod:`~keras_curv.optimizers.kfac_fisher` and the per-layer blocks in
-:mod:`~keras_curv.optimizers.kfac_blocks`; this module is the Keras shell: arguments,
+in :mod:`~keras_curv.optimizers.kfac_fisher`, the per-layer blocks in
+:mod:`~keras_curv.optimizers.kfac_blocks` and their operators for the diagnostics in
+:mod:`~keras_curv.optimizers.kfac_operators`; this module is the Keras shell: arguments,
 state, the step's statistics and the per-variable update. ``docs/kfac.md`` explains the
 method, its defaults and its cost.
 """
@@ -22,9 +23,12 @@ from keras_curv._internal.keras_privates import (
     track_optimizer_variable,
     variable_index,
 )
+from keras_curv.curvature.operators import LinearOperator
+from keras_curv.curvature.stability import stability_threshold
 from keras_curv.optimizers import _labels, distribute
 from keras_curv.optimizers import kfac_fisher as kf
 from keras_curv.optimizers import kfac_math as km
+from keras_curv.optimizers import kfac_operators as ko
 from keras_curv.optimizers._graph import StepGate, stacked_map, under_xla
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
 from keras_curv.optimizers.batch import LayerCall, TrainBatch
@@ -571,6 +575,45 @@ class KFAC(CurvatureOptimizer):
                     [tf.reduce_max(v) for v in values]
                 )
         return summary
+
+    def preconditioner(self) -> LinearOperator | None:
+        """``P``: the damped K-FAC curvature the update inverts, ``Δ = P⁻¹ g`` (protocol).
+
+        One block per :attr:`blocks` entry, in the flat layout of the optimizer's
+        variables: ``(A + π√λ I) ⊗ (G + √λ/π I)`` per Kronecker block (per channel for a
+        depthwise convolution) from the stored eigendecompositions (stale between inverse
+        updates, as the update uses them), ``diag(d + λ)`` per diagonal variable, and
+        ``(mean d + λ) I`` per isotropic fallback variable; ``λ`` is the damping in force.
+        The norm constraint ``ν`` and the learning rate stay out of ``P``. ``None`` before
+        the first inverse update.
+        """
+        return self._flat_curvature(damped=True)
+
+    def curvature_model(self) -> LinearOperator | None:
+        """The same blocks without damping: K-FAC's Fisher estimate ``F̂`` (protocol)."""
+        return self._flat_curvature(damped=False)
+
+    def stability_threshold(self) -> float:
+        """``(2 + 2μ) / η``: the update is heavy ball on ``P⁻¹ g`` (protocol)."""
+        lr = float(keras.ops.convert_to_numpy(self.learning_rate))
+        return stability_threshold(lr, self.momentum, "heavy_ball")
+
+    def _flat_curvature(self, damped: bool) -> LinearOperator | None:
+        if not self.built or self._blocks is None or int(self._inverse_updates.numpy()) == 0:
+            return None
+        damping = tf.convert_to_tensor(self._damping) if damped else None
+        pieces = []
+        for block, slots, eigen_slots in zip(self._blocks, self._factors, self._eigens):
+            if isinstance(block, KroneckerBlock):
+                eigen = {k: tf.convert_to_tensor(v) for k, v in eigen_slots.items()}
+                pieces.append((block.indices, ko.kronecker_block_operator(block, eigen, damping)))
+                continue
+            factors = {k: tf.convert_to_tensor(v) for k, v in slots.items()}
+            isotropic = isinstance(block, DiagonalBlock) and block.isotropic
+            for i, d in zip(block.indices, block.diagonals(factors)):
+                pieces.append(((i,), ko.diagonal_operator(d, damping, isotropic)))
+        sizes = [int(np.prod(v.shape)) for v in self._trainable_variables]
+        return ko.flat_operator(pieces, sizes)
 
     def get_config(self) -> dict:
         config = super().get_config()

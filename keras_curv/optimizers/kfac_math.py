@@ -168,6 +168,20 @@ def damped_kronecker_solve(
     return _rotate(scaled, a[0], g[0], inverse=True)
 
 
+def eigen_kronecker_product(
+    v: tf.Tensor, a_basis: Any, a_scale: tf.Tensor, g_basis: Any, g_scale: tf.Tensor
+) -> tf.Tensor:
+    """``Qa [(Qaᵀ V Qg) ⊙ (sa sgᵀ)] Qgᵀ``: ``(Qa Sa Qaᵀ ⊗ Qg Sg Qgᵀ) vec(V)`` in the eigenbases.
+
+    With ``sa = (λa + π√λ)^p`` and ``sg = (λg + √λ/π)^p`` this is the ``p``-th power of the
+    damped block; ``p = −1`` is :func:`damped_kronecker_solve`. A ``None`` basis is ``I``
+    (a diagonal factor); leading axes of ``v`` broadcast against the factors'.
+    """
+    rotated = _rotate(v, a_basis, g_basis, inverse=False)
+    scaled = rotated * (a_scale[..., :, None] * g_scale[..., None, :])
+    return _rotate(scaled, a_basis, g_basis, inverse=True)
+
+
 def kronecker_product(v: tf.Tensor, a: tf.Tensor, g: tf.Tensor, a_diagonal: bool, g_diagonal: bool):
     """``(A ⊗ G) vec(V) = vec(A V G)`` for full or diagonal factors (``V`` is ``(..., P, O)``)."""
     left = a[..., :, None] * v if a_diagonal else tf.matmul(a, v)
