@@ -115,7 +115,9 @@ def test_callbacks_measure_the_same_after_backup_and_restore(schedule, tmp_path)
     """Probes are drawn from (seed, step): a resumed fit measures what an uninterrupted
     one does. Only the eigensolver's warm start differs (cold after the restart), so the
     values computed from eigenpairs agree to the solver's tol (1e-3 relative; 4e-5 seen
-    here), and the Hutch++ trace, which uses no eigenpairs, to 1e-9."""
+    here), the curvature-model measures, which use the eigenvectors (accurate to about the
+    square root of the eigenvalues' error), to 1e-2 (1.3e-3 seen), and the Hutch++ trace,
+    which uses no eigenpairs, to 1e-9."""
     reference = _measured(schedule, [])
     backup = str(tmp_path / "backup")
     first = _measured(schedule, [keras.callbacks.BackupAndRestore(backup), _Interrupt()])
@@ -128,5 +130,5 @@ def test_callbacks_measure_the_same_after_backup_and_restore(schedule, tmp_path)
             if key == "step":
                 continue
             resumed = np.array(a[key] + b[key], np.float64)
-            rtol = 1e-9 if key == "hessian_trace" else 1e-3
+            rtol = {"hessian_trace": 1e-9}.get(key, 1e-2 if "curvature_model" in key else 1e-3)
             np.testing.assert_allclose(resumed, ref[key], rtol=rtol, atol=1e-12, err_msg=key)

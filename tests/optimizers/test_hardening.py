@@ -67,8 +67,9 @@ def distributed_report():
 def _check_golden(result, tolerance):
     assert result["num_replicas"] == 2
     assert result["iterations"] == [6, 6]
-    # The weights moved far from their initial values, and identically.
-    assert result["moved"] > 0.3
+    # The weights moved far from their initial values, and identically. (AdaHessian's
+    # default step cap bounds each coordinate's move by lr = 0.05 per step: 0.3 in 6.)
+    assert result["moved"] > 0.1
     assert result["abs"] < tolerance * max(1.0, result["moved"]), result
     # Optimizer state (EMAs, counters, RNG, loss scale) is the same on both replicas.
     assert result["replicas_agree"]
