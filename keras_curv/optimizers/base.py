@@ -33,7 +33,7 @@ import tensorflow as tf
 from keras_curv._internal.keras_privates import use_fresh_collective_keys, variable_index
 from keras_curv.optimizers import distribute
 from keras_curv.optimizers.batch import TrainBatch
-from keras_curv.optimizers.contract import current_batch, model_of
+from keras_curv.optimizers.contract import attach, current_batch, model_of
 
 
 @dataclass
@@ -104,6 +104,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # strategy and when loading a model: attach to the model there.
         model = model_of(self)
         if model is not None:
+            if self.uses_layer_taps and tf.executing_eagerly():
+                # Taps installed now are in every replica's first trace (installed lazily,
+                # during the first replica's apply, the replicas would disagree on whether
+                # to retrace).
+                attach(model, layer_taps=True)
             self.build_for_model(model)
 
     def build_for_model(self, model: keras.Model) -> None:

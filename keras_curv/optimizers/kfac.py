@@ -32,7 +32,7 @@ from keras_curv.optimizers import kfac_operators as ko
 from keras_curv.optimizers._graph import StepGate, stacked_map, under_xla
 from keras_curv.optimizers.base import CurvatureOptimizer, StepStatistics
 from keras_curv.optimizers.batch import LayerCall, TrainBatch
-from keras_curv.optimizers.contract import attach, model_of
+from keras_curv.optimizers.contract import model_of
 from keras_curv.optimizers.kfac_blocks import (
     MAX_FACTOR_SIZE,
     Block,
@@ -191,11 +191,6 @@ class KFAC(CurvatureOptimizer):
         """Plans the blocks of ``model`` and creates their factors and eigendecompositions."""
         if self._blocks is not None or model is None:
             return
-        if tf.executing_eagerly():
-            # Under a strategy Keras builds the optimizer before tracing: taps installed
-            # now are in every replica's first trace (installed lazily, during the first
-            # replica's apply, the replicas would disagree on whether to retrace).
-            attach(model, layer_taps=True)
         blocks = plan_blocks(
             model,
             self._trainable_variables,
