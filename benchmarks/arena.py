@@ -99,7 +99,6 @@ def train_run(
     epochs = max(1, round(budget * epoch_scale))
     model = workload.build(seed)
     metrics = ["accuracy"] if workload.score == "accuracy" else []
-    initial = None
     run = {"learning_rate": learning_rate, "seed": seed, "refused": None, "steps": [],
            "seconds": [], "epoch_seconds": [], "train_loss": [], "val_score": []}  # fmt: skip
     elapsed = 0.0
@@ -109,8 +108,8 @@ def train_run(
             if epoch == 0:
                 optimizer = contestant.build(learning_rate, seed)
                 model.compile(optimizer=optimizer, loss=workload.loss(), metrics=metrics)
-                initial = model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
-                run["initial_loss"] = initial = float(initial["loss"])
+                at_start = model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
+                run["initial_loss"] = float(at_start["loss"])
                 start = time.perf_counter()
             history = model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
         except (ValueError, TypeError, NotImplementedError) as error:
@@ -131,7 +130,7 @@ def train_run(
             break
         run["val_score"].append(validation_score(model, workload, data))
     last = run["train_loss"][-1]
-    run["diverged"] = not math.isfinite(last) or last > 2.0 * initial
+    run["diverged"] = not math.isfinite(last) or last > 2.0 * run["initial_loss"]
     run["final_val"] = run["val_score"][-1]
     run["final_test"] = (
         float("nan") if run["diverged"] else _score(model, workload, data.x_test, data.y_test)
@@ -195,7 +194,7 @@ def run(mode: str = "default", log=print) -> dict:
     pool = contestants()
     names = config["contestants"] or tuple(pool)
     chosen = config["workloads"] or tuple(WORKLOADS)
-    result = {"mode": mode, "config": {k: v for k, v in config.items()},
+    result = {"mode": mode, "config": dict(config),
               "machine": machine_info(), "workloads": {}}  # fmt: skip
     start = time.perf_counter()
     for wname in chosen:
