@@ -20,9 +20,12 @@ the measured part of ``docs/arena.md`` (between ``<!-- arena:begin -->`` and
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -90,6 +93,9 @@ def train_run(
     The model is scored on the validation split after every epoch (outside the timed
     ``fit`` calls); the step counter is the optimizer's ``iterations``.
     """
+    # Hundreds of runs in one process: drop the previous runs' graphs so that none pays
+    # for them.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     data = workload.data()
     x, y = data.x_train[:max_train], data.y_train[:max_train]
@@ -186,14 +192,35 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def run(mode: str = "default", log=print) -> dict:
-    """Tunes, reruns and summarises every (workload, contestant) pair of ``mode``."""
+def run(
+    mode: str = "default",
+    log=print,
+    *,
+    workloads: Sequence[str] | None = None,
+    on_workload: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Tunes, reruns and summarises every (workload, contestant) pair of ``mode``.
+
+    Args:
+        mode: A key of ``MODES``.
+        log: Receives one line per training run.
+        workloads: Runs only these of the mode's workloads (default: all of them).
+        on_workload: Called with each workload's name and entry as soon as it is done.
+
+    Returns:
+        The result: mode, configuration, machine, one entry per workload, total seconds.
+    """
     from benchmarks.hvp_cost import machine_info
 
     config = MODES[mode]
     pool = contestants()
     names = config["contestants"] or tuple(pool)
     chosen = config["workloads"] or tuple(WORKLOADS)
+    if workloads is not None:
+        unknown = sorted(set(workloads) - set(chosen))
+        if unknown:
+            raise ValueError(f"unknown workloads {unknown}; mode {mode!r} has {list(chosen)}")
+        chosen = [w for w in chosen if w in workloads]
     result = {"mode": mode, "config": dict(config),
               "machine": machine_info(), "workloads": {}}  # fmt: skip
     start = time.perf_counter()
@@ -201,6 +228,7 @@ def run(mode: str = "default", log=print) -> dict:
         workload = WORKLOADS[wname]
         entry = {"description": workload.description, "score": workload.score,
                  "target": workload.target, "contestants": {}, "refused": {}}  # fmt: skip
+        workload_start = time.perf_counter()
         for name in names:
             contestant = pool[name]
             if not applies(contestant, workload):
@@ -237,7 +265,10 @@ def run(mode: str = "default", log=print) -> dict:
                 "summary": summarize(reruns) if reruns else None,
                 "runs": reruns,
             }
+        entry["seconds"] = time.perf_counter() - workload_start
         result["workloads"][wname] = entry
+        if on_workload is not None:
+            on_workload(wname, entry)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -252,10 +283,60 @@ def update_doc(text: str, doc: Path = DOC) -> None:
     doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
-def main(mode: str = "default", output: Path | None = None, docs: bool = True,
-         from_json: bool = False) -> dict:  # fmt: skip
-    """Runs the arena (or rereads ``output``), writes the JSON, the figures and the docs."""
-    import json
+def _record(output: Path, mode: str, config: dict, machine: dict, name: str,
+            entry: dict) -> dict:  # fmt: skip
+    """Adds one workload's entry to ``output`` under a lock; returns the file's result.
+
+    Several processes may share one output (each running some of the workloads), and an
+    interrupted run keeps the workloads it finished.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = _load(output, mode) or {"mode": mode, "config": config, "machine": machine,
+                                         "workloads": {}}  # fmt: skip
+        result["workloads"][name] = entry
+        order = list(WORKLOADS)  # the documented order, whichever process finished first
+        result["workloads"] = dict(sorted(result["workloads"].items(),
+                                          key=lambda item: order.index(item[0])))  # fmt: skip
+        result["seconds"] = sum(e.get("seconds", 0.0) for e in result["workloads"].values())
+        output.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return result
+
+
+def _load(output: Path, mode: str) -> dict | None:
+    """The results in ``output`` if they come from a run of ``mode``."""
+    if not output.exists():
+        return None
+    result = json.loads(output.read_text())
+    return result if result.get("mode") == mode else None
+
+
+def main(
+    mode: str = "default",
+    output: Path | None = None,
+    docs: bool = True,
+    from_json: bool = False,
+    workloads: Sequence[str] | None = None,
+    resume: bool = False,
+) -> dict:
+    """Runs the arena (or rereads ``output``), writes the JSON, the figures and the docs.
+
+    Args:
+        mode: A key of ``MODES``.
+        output: The JSON (default ``benchmarks/results/arena.json``, or
+            ``arena_<mode>.json`` outside the default mode). Each workload is written as
+            soon as it is done.
+        docs: Whether to update ``docs/arena.md`` and its figures.
+        from_json: Only redraw the figures and the docs from ``output``.
+        workloads: Runs only these workloads, adding them to ``output`` (other processes
+            may run the others into the same file at the same time).
+        resume: Keeps the workloads ``output`` already holds from a run of this mode and
+            runs only the missing ones.
+
+    Returns:
+        The result as written to ``output``.
+    """
     import shutil
 
     from benchmarks import arena_report
@@ -264,9 +345,22 @@ def main(mode: str = "default", output: Path | None = None, docs: bool = True,
     if from_json:
         result = json.loads(output.read_text())
     else:
-        result = run(mode)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        if not (workloads or resume) and output.exists():
+            output.unlink()  # a fresh run replaces the old results
+        done = (_load(output, mode) or {"workloads": {}})["workloads"] if resume else {}
+        chosen = [w for w in (workloads or MODES[mode]["workloads"] or WORKLOADS)
+                  if w not in done]  # fmt: skip
+        from benchmarks.hvp_cost import machine_info
+
+        machine = machine_info()
+        result = _load(output, mode) or {"workloads": {}}
+
+        def record(name: str, entry: dict) -> None:
+            nonlocal result
+            result = _record(output, mode, dict(MODES[mode]), machine, name, entry)
+
+        if chosen:
+            run(mode, workloads=chosen, on_workload=record)
         print(f"wrote {output}")
     files = arena_report.plot(result, output.parent)
     if docs:

@@ -588,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--only", default=",".join(STUDIES), help="comma-separated studies")
     parser.add_argument("--out", default=None, help=f"JSON path (default {RESULTS})")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (overrides presets)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (overrides presets)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in STUDIES]
@@ -606,7 +608,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         preset = QUICK if args.quick else SMALL if args.small else {}
-        results[name] = STUDIES[name](**preset.get(name, {}))
+        settings = dict(preset.get(name, {}))
+        if args.seeds:
+            settings["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        if args.epochs:
+            settings["epochs"] = args.epochs
+        results[name] = STUDIES[name](**settings)
         results[name]["seconds"] = time.perf_counter() - start
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1))

@@ -493,6 +493,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", type=Path, default=RESULTS / "suite.json")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/ untouched")
     parser.add_argument("--from-json", action="store_true", help="only redraw plots and docs")
+    parser.add_argument(
+        "--workloads", help="arena only: these workloads (comma-separated), added to --output"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="arena only: run the workloads --output lacks"
+    )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "smoke" if args.smoke else "default"
     if args.only == "arena":
@@ -500,7 +506,15 @@ def main(argv=None) -> dict:
 
         arena_mode = "default" if mode == "full" else mode
         output = None if args.output == RESULTS / "suite.json" else args.output
-        return arena.main(arena_mode, output, docs=not args.no_docs, from_json=args.from_json)
+        workloads = [w for w in args.workloads.split(",") if w] if args.workloads else None
+        return arena.main(
+            arena_mode,
+            output,
+            docs=not args.no_docs,
+            from_json=args.from_json,
+            workloads=workloads,
+            resume=args.resume,
+        )
     if args.from_json:
         result = json.loads(args.output.read_text())
     else:
