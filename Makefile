@@ -19,9 +19,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/keras-curv demo
 
+# One pytest worker per core (`loadgroup`: tests that share a fresh-process report stay on
+# one worker); `pytest` alone runs serially.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

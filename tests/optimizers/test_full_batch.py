@@ -16,6 +16,7 @@ import pytest
 
 import keras_curv
 from keras_curv.optimizers import LBFGS, LevenbergMarquardt, NewtonCG, NysNewtonCG
+from tests.architectures import ZOO, first_epoch
 from tests.optimizers._fresh_process import json_reports
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -219,6 +220,7 @@ def _distributed():
     return report
 
 
+@pytest.mark.xdist_group("full_batch_distributed")
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
@@ -269,30 +271,28 @@ def _training_mode_loss(model, x, y):
 
 
 @pytest.mark.slow
-def test_defaults_train_every_zoo_model():
+@pytest.mark.parametrize("name", list(ZOO))
+def test_defaults_train_every_zoo_model(name):
     """One full-batch step (their intended use) at the defaults lowers the training loss.
 
     For the BatchNorm CNN the loss is compared in training mode, the objective the step
     minimises: one step barely moves the moving statistics (momentum 0.99), so the
     inference-mode loss measures another network (docs/full_batch.md, BatchNorm).
     """
-    from tests.architectures import ZOO, first_epoch
-
-    factories = [LBFGS, NewtonCG, NysNewtonCG, LevenbergMarquardt]
-    for name, (build, data) in ZOO.items():
-        for factory in factories:
-            if name != "batchnorm_cnn":
-                result = first_epoch(name, factory(), batch_size=512)
-                before, after = result["initial"], result["final"]
-            else:
-                keras.utils.set_random_seed(0)
-                x, y = data()
-                model = build()
-                model.compile(optimizer=factory(), loss=LOSS)
-                before = _training_mode_loss(model, x, y)
-                model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
-                after = _training_mode_loss(model, x, y)
-            assert np.isfinite(after) and after < before, (name, factory.__name__, before, after)
+    build, data = ZOO[name]
+    for factory in (LBFGS, NewtonCG, NysNewtonCG, LevenbergMarquardt):
+        if name != "batchnorm_cnn":
+            result = first_epoch(name, factory(), batch_size=512)
+            before, after = result["initial"], result["final"]
+        else:
+            keras.utils.set_random_seed(0)
+            x, y = data()
+            model = build()
+            model.compile(optimizer=factory(), loss=LOSS)
+            before = _training_mode_loss(model, x, y)
+            model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+            after = _training_mode_loss(model, x, y)
+        assert np.isfinite(after) and after < before, (factory.__name__, before, after)
 
 
 def test_exported_at_the_top_level():
