@@ -19,11 +19,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/keras-curv demo
 
-# One pytest worker per core (`loadgroup`: tests that share a fresh-process report stay on
-# one worker); `pytest` alone runs serially.
+# One pytest worker per core, each test file on one worker (its tests share module-level
+# fresh-process reports; `xdist_group` marks had no effect here with pytest 9.2 and
+# pytest-xdist 3.8); `pytest` alone runs serially.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

@@ -220,7 +220,6 @@ def _distributed():
     return report
 
 
-@pytest.mark.xdist_group("full_batch_distributed")
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",

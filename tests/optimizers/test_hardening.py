@@ -15,10 +15,6 @@ from keras_curv.callbacks import SkippedSteps
 from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
 from tests.optimizers._fresh_process import json_reports
 
-# The distributed tests share one worker: their fresh-process reports are computed once
-# per process.
-_DISTRIBUTED = pytest.mark.xdist_group("hardening_distributed")
-
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_distributed_case.py")
 _F64_CASES = [
     "adahessian_f64",
@@ -81,14 +77,12 @@ def _check_golden(result, tolerance):
 
 
 @pytest.mark.slow
-@_DISTRIBUTED
 @pytest.mark.parametrize("case", _F64_CASES + _F32_CASES)
 def test_two_replicas_equal_one_device_on_the_global_batch(distributed_report, case):
     _check_golden(distributed_report[case], 1e-12 if case in _F64_CASES else 2e-6)
 
 
 @pytest.mark.slow
-@_DISTRIBUTED
 def test_replica_with_an_empty_shard_trains(distributed_report):
     """49 samples in batches of 16: the last global batch leaves the second replica empty.
 
@@ -103,14 +97,12 @@ def test_replica_with_an_empty_shard_trains(distributed_report):
 
 
 @pytest.mark.slow
-@_DISTRIBUTED
 @pytest.mark.parametrize("case", _LOSS_SCALED_CASES)
 def test_loss_scaled_two_replicas_equal_one_device_exactly(distributed_report, case):
     _check_golden(distributed_report[case], 1e-12)
 
 
 @pytest.mark.slow
-@_DISTRIBUTED
 @pytest.mark.parametrize("case", _MIXED_CASES)
 def test_mixed_precision_two_replicas_equal_one_device(distributed_report, case):
     policy = "mixed_float16" if case.endswith("mixed_float16") else "mixed_bfloat16"

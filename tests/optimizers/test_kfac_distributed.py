@@ -13,9 +13,6 @@ import pytest
 
 from tests.optimizers._fresh_process import json_reports
 
-# One worker runs the module: its fresh-process reports are computed once per process.
-pytestmark = pytest.mark.xdist_group("kfac_distributed")
-
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_kfac_distributed_case.py")
 # Largest weight difference over how far the weights moved: float64 is exact up to the
 # order of the replica sums; mixed precision as in test_hardening.py (about 10 units in

@@ -18,9 +18,6 @@ import pytest
 
 from tests.optimizers._fresh_process import json_reports
 
-# One worker runs the module: its fresh-process reports are computed once per process.
-pytestmark = pytest.mark.xdist_group("multi_worker")
-
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_multi_worker_case.py")
 _TIMEOUT = 900  # seconds, all three processes together (about 90 s on an idle machine)
 

@@ -485,7 +485,6 @@ def _distributed_reports() -> dict:
     return report
 
 
-@pytest.mark.xdist_group("sketchy_distributed")
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _EXACT)
 def test_two_replicas_equal_one_device_on_the_global_batch(case):
@@ -499,7 +498,6 @@ def test_two_replicas_equal_one_device_on_the_global_batch(case):
     assert result["replicas_agree"] and result["finite"]
 
 
-@pytest.mark.xdist_group("sketchy_distributed")
 @pytest.mark.slow
 def test_a_replica_with_an_empty_weighted_shard_trains():
     result = _distributed_reports()["sketchy_empty_shard_weighted_f64"]

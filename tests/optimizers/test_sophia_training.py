@@ -15,9 +15,6 @@ from keras_curv.optimizers import Sophia
 from tests.architectures import LOSS, ZOO, first_epoch
 from tests.optimizers._fresh_process import json_reports
 
-# One worker runs the module: its fresh-process reports are computed once per process.
-pytestmark = pytest.mark.xdist_group("sophia_distributed")
-
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_sophia_distributed_case.py")
 _EXACT = [
     "sophia_h_f64",

@@ -18,9 +18,6 @@ from tensorflow.python.distribute import cross_device_ops
 from keras_curv._internal.keras_privates import use_fresh_collective_keys
 from tests.optimizers._fresh_process import json_reports
 
-# One worker runs the module: its fresh-process reports are computed once per process.
-pytestmark = pytest.mark.xdist_group("strategies_in_one_process")
-
 _CASE_SCRIPT = os.path.join(os.path.dirname(__file__), "_strategies_case.py")
 
 
