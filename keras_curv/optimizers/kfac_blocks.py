@@ -137,9 +137,9 @@ class KroneckerBlock(Block):
 
     def _rows(
         self, call: LayerCall, gradient: tf.Tensor, uniforms: PatchUniforms | None, index: int
-    ) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor]:
-        """One call's input rows ``(R, P)`` (no homogeneous column), the weights of those
-        rows ``(R,)`` and its output-gradient rows ``(K', R', O)``.
+    ) -> tuple[tf.Tensor, tf.Tensor | float | None, tf.Tensor]:
+        """One call's input rows ``(R, P)`` (no homogeneous column), their weights (``(R,)``,
+        one float for all, or ``None``: 1) and its output-gradient rows ``(K', R', O)``.
 
         A convolution's rows are its positions (patches). ``A`` takes every one (weights
         ``None``) or ``max_patches`` random ones per example when the examples have
@@ -163,7 +163,9 @@ class KroneckerBlock(Block):
             return km.rows(km.conv_patches(inputs, *geometry)), None, g_rows
         indices, weights = km.patch_sample(uniforms(index, tf.shape(inputs)[0], q), positions)
         a_rows = km.rows(km.patches_at(inputs, *geometry, indices))
-        return a_rows, tf.cast(tf.reshape(weights, [-1]), self.dtype), g_rows
+        if not isinstance(weights, float):
+            weights = tf.cast(tf.reshape(weights, [-1]), self.dtype)
+        return a_rows, weights, g_rows
 
     def statistics(
         self,
@@ -306,10 +308,10 @@ class DepthwiseBlock(KroneckerBlock):
         return [kernel, tf.reshape(matrix[:, -1], [-1])]
 
 
-def _row_count(matrix: tf.Tensor, weights: tf.Tensor | None) -> tf.Tensor:
+def _row_count(matrix: tf.Tensor, weights: tf.Tensor | float | None) -> tf.Tensor:
     """The rows ``(R, P)`` stand for: all of them, or the weight of a patch sample."""
-    if weights is None:
-        return tf.cast(tf.shape(matrix)[0], matrix.dtype)
+    if weights is None or isinstance(weights, float):
+        return tf.cast(tf.shape(matrix)[0], matrix.dtype) * (weights or 1.0)
     return tf.reduce_sum(weights)
 
 

@@ -43,7 +43,7 @@ def rows(tensor: tf.Tensor) -> tf.Tensor:
 def second_moment(
     matrix: tf.Tensor,
     diagonal: bool,
-    weights: tf.Tensor | None = None,
+    weights: tf.Tensor | float | None = None,
     homogeneous: bool = False,
 ) -> tf.Tensor:
     """``Σ_r w_r x_r x_rᵀ`` of ``(..., R, P)`` rows (``(..., P, P)``), or its diagonal ``(..., P)``.
@@ -51,29 +51,31 @@ def second_moment(
     Args:
         matrix: The rows ``x_r``.
         diagonal: Only the diagonal.
-        weights: ``w_r``, shape ``(R,)`` (default 1): a patch sample's
-            (:func:`patch_sample`).
+        weights: ``w_r``: a patch sample's (:func:`patch_sample`), shape ``(R,)``, or one
+            float for every row; default 1.
         homogeneous: Of the rows ``[x_r, 1]`` (the bias's input), ``P + 1`` wide,
             without building them: the last row and column are ``Σ w x`` and ``Σ w``.
     """
-    weighted = matrix if weights is None else matrix * weights[:, None]
+    per_row = weights is not None and not isinstance(weights, float)
+    weighted = matrix * weights[:, None] if per_row else matrix
     if diagonal:
         moment = tf.reduce_sum(weighted * matrix, axis=-2)
     else:
         moment = tf.matmul(weighted, matrix, transpose_a=True)
+    scale = weights if isinstance(weights, float) else 1.0
     if not homogeneous:
-        return moment
+        return moment if scale == 1.0 else scale * moment
     column = tf.reduce_sum(weighted, axis=-2)
-    if weights is None:
-        total = tf.cast(tf.shape(matrix)[-2], matrix.dtype)
-    else:
+    if per_row:
         total = tf.reduce_sum(weights)
+    else:
+        total = tf.cast(tf.shape(matrix)[-2], matrix.dtype)
     total = tf.ones_like(column[..., :1]) * total
     if diagonal:
-        return tf.concat([moment, total], axis=-1)
+        return scale * tf.concat([moment, total], axis=-1)
     top = tf.concat([moment, column[..., :, None]], axis=-1)
     bottom = tf.concat([column, total], axis=-1)[..., None, :]
-    return tf.concat([top, bottom], axis=-2)
+    return scale * tf.concat([top, bottom], axis=-2)
 
 
 def _as_2d(inputs: tf.Tensor, kernel_size, strides, dilation, padding):
@@ -159,7 +161,7 @@ def conv_positions(
     return height * width
 
 
-def patch_sample(uniforms: tf.Tensor, positions: Any) -> tuple[tf.Tensor, tf.Tensor]:
+def patch_sample(uniforms: tf.Tensor, positions: Any) -> tuple[tf.Tensor, Any]:
     """``(indices, weights)``: ``q`` of each example's ``positions`` positions, drawn uniformly.
 
     Each index is ``⌊u · positions⌋`` for a uniform ``u`` (with replacement) and stands
@@ -175,9 +177,13 @@ def patch_sample(uniforms: tf.Tensor, positions: Any) -> tuple[tf.Tensor, tf.Ten
         positions: The positions per example (:func:`conv_positions`), an int or a tensor.
 
     Returns:
-        ``indices`` ``(N, q)`` ``int32`` and float64 ``weights`` ``(N, q)``.
+        ``indices`` ``(N, q)`` ``int32`` and ``weights``: the float ``positions / q`` for a
+        static ``positions > q``, else float64 ``(N, q)``.
     """
     q = uniforms.shape[-1]
+    if isinstance(positions, int) and positions > q:
+        drawn = tf.floor(tf.cast(uniforms, tf.float64) * positions)
+        return tf.cast(drawn, tf.int32), positions / q
     total = tf.cast(positions, tf.int32)
     every = tf.broadcast_to(tf.range(q), tf.shape(uniforms))
     scale = tf.cast(total, tf.float64)

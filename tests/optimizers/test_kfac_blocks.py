@@ -221,25 +221,28 @@ def test_patch_sample_is_reproducible_and_exact_when_the_patches_fit():
     assert np.max(np.abs(factor(2, seed=4) - first)) > 1e-3
     assert np.max(np.abs(first - oracle["c1"][1])) > 1e-3
     np.testing.assert_allclose(factor(15), oracle["c1"][1], rtol=1e-12)
-    # Spatial sizes unknown to the trace: every position (weight 1) and padding (weight 0).
-    keras.utils.set_random_seed(2)
-    model = keras.Sequential([
-        keras.Input((None, None, 2), dtype="float64"),
-        keras.layers.Conv2D(3, (2, 3), strides=(1, 2), padding="same", name="c1",
-                            dtype="float64"),
-        keras.layers.GlobalAveragePooling2D(dtype="float64"),
-        keras.layers.Dense(3, dtype="float64"),
-    ])  # fmt: skip
+    # Spatial sizes unknown to the trace: q ≥ the positions takes every one (weight 1) and
+    # padding (weight 0); q = 2 the same draws as with static sizes.
     spec = (tf.TensorSpec((None, None, None, 2), tf.float64), tf.TensorSpec((None,), tf.int64))
     data = tf.data.Dataset.from_generator(lambda: iter([(x, y)]), output_signature=spec)
-    optimizer = KFAC(learning_rate=0.0, ema_decay=0.0, momentum=0.0, norm_constraint=None,
-                     fisher="empirical", max_patches_per_example=20)  # fmt: skip
-    model.compile(optimizer=optimizer, loss=SCCE)
-    model.fit(data.repeat(), steps_per_epoch=1, epochs=1, shuffle=False, verbose=0)
-    rows = _conv_oracle(_conv_model(), x, y)["c1"][0]  # c1's input is the model input
-    rows = rows.reshape(-1, rows.shape[-1])
-    np.testing.assert_allclose(optimizer.factors("c1")["a"], rows.T @ rows / len(rows),
-                               rtol=1e-12)  # fmt: skip
+
+    def dynamic_factor(q, seed=0):
+        keras.utils.set_random_seed(2)
+        model = keras.Sequential([
+            keras.Input((None, None, 2), dtype="float64"),
+            keras.layers.Conv2D(3, (2, 3), strides=(1, 2), padding="same", name="c1",
+                                dtype="float64"),
+            keras.layers.GlobalAveragePooling2D(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ])  # fmt: skip
+        optimizer = KFAC(learning_rate=0.0, ema_decay=0.0, momentum=0.0, norm_constraint=None,
+                         fisher="empirical", max_patches_per_example=q, seed=seed)  # fmt: skip
+        model.compile(optimizer=optimizer, loss=SCCE)
+        model.fit(data.repeat(), steps_per_epoch=1, epochs=1, shuffle=False, verbose=0)
+        return optimizer.factors("c1")["a"].numpy()
+
+    np.testing.assert_allclose(dynamic_factor(20), oracle["c1"][1], rtol=1e-12)
+    np.testing.assert_allclose(dynamic_factor(2, seed=3), first, rtol=1e-12)
 
 
 def test_conv1d_causal_and_depthwise_factors():

@@ -176,9 +176,13 @@ def test_patch_sample_is_unbiased_and_exact_when_the_positions_fit():
     for seed in range(draws):
         uniforms = tf.random.stateless_uniform((n, q), (seed, 1), dtype=tf.float64)
         indices, weights = km.patch_sample(uniforms, p)
-        np.testing.assert_array_equal(weights, np.full((n, q), p / q))
+        assert weights == p / q
+        # A dynamic number of positions: the same draw, one weight per index.
+        same, per_index = km.patch_sample(uniforms, tf.constant(p))
+        np.testing.assert_array_equal(same, indices)
+        np.testing.assert_array_equal(per_index, np.full((n, q), p / q))
         chosen = np.take_along_axis(outer, indices.numpy()[..., None, None], axis=1)
-        estimates.append((weights.numpy()[..., None, None] * chosen).sum(axis=1))
+        estimates.append(weights * chosen.sum(axis=1))
     error = np.abs(np.mean(estimates, axis=0) - exact)
     standard_error = np.sqrt(p**2 / q * outer.var(axis=1) / draws)
     assert np.all(error < 5 * standard_error), np.max(error / standard_error)
@@ -197,6 +201,10 @@ def test_second_moment_with_weights_and_a_homogeneous_coordinate():
     np.testing.assert_allclose(got, full, rtol=1e-13)
     got = km.second_moment(tf.constant(x), True, tf.constant(w), homogeneous=True)
     np.testing.assert_allclose(got, np.diag(full), rtol=1e-13)
+    for diagonal in (False, True):  # one weight for every row
+        got = km.second_moment(tf.constant(x), diagonal, 2.5, homogeneous=True)
+        expected = 2.5 * rows.T @ rows
+        np.testing.assert_allclose(got, np.diag(expected) if diagonal else expected, rtol=1e-13)
     batched = km.second_moment(tf.constant(np.stack([x, 2 * x])), False, homogeneous=True)
     np.testing.assert_allclose(batched[1], np.c_[2 * x, np.ones(6)].T @ np.c_[2 * x, np.ones(6)])
 
