@@ -10,6 +10,7 @@ method, its defaults and its cost.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -35,6 +36,7 @@ from keras_curv.optimizers.batch import LayerCall, TrainBatch
 from keras_curv.optimizers.contract import model_of
 from keras_curv.optimizers.kfac_blocks import (
     MAX_FACTOR_SIZE,
+    MAX_PATCHES_PER_EXAMPLE,
     Block,
     DiagonalBlock,
     KroneckerBlock,
@@ -44,6 +46,8 @@ from keras_curv.optimizers.kfac_blocks import (
 
 _SHARED = {"aggregation": "only_first_replica"}
 FALLBACKS = ("isotropic", "diagonal")
+# The random streams of a step, each folded from the step's seed.
+_STREAMS = {"uniform": 1, "normal": 2, "sign": 3, "patches": 4}
 
 
 @keras.saving.register_keras_serializable(package="keras_curv")
@@ -85,9 +89,12 @@ class KFAC(CurvatureOptimizer):
         min_damping: Lower bound of the adapted damping.
         max_damping: Upper bound of the adapted damping (``None``: none).
         max_factor_size: Factors larger than this are kept diagonal.
+        max_patches_per_example: Estimate a convolution's ``A`` from at most this many
+            of each example's patches, drawn at random (unbiased; ``None``: every patch,
+            exact KFC).
         fallback: The block of variables no layer block takes: ``"isotropic"`` (the mean
             of the variable's diagonal Fisher) or ``"diagonal"``.
-        seed: Seed of the sampled labels and signs, or ``None``.
+        seed: Seed of the sampled labels, signs and patches, or ``None``.
         name: Name of the optimizer.
         **kwargs: Keras's optimizer arguments (``weight_decay``, ``clipnorm``, ``use_ema``...).
 
@@ -115,6 +122,7 @@ class KFAC(CurvatureOptimizer):
         min_damping: float = 1e-8,
         max_damping: float | None = None,
         max_factor_size: int = MAX_FACTOR_SIZE,
+        max_patches_per_example: int | None = MAX_PATCHES_PER_EXAMPLE,
         fallback: str = "isotropic",
         seed: int | None = None,
         name: str = "kfac",
@@ -153,6 +161,9 @@ class KFAC(CurvatureOptimizer):
                 f"max_damping={self.max_damping}."
             )
         self.max_factor_size = validation.integer(max_factor_size, "max_factor_size", minimum=1)
+        self.max_patches_per_example = validation.integer(
+            max_patches_per_example, "max_patches_per_example", minimum=1, allow_none=True
+        )
         self.fallback = validation.choice(fallback, "fallback", FALLBACKS)
         self.seed = validation.seed(seed)
         object.__setattr__(self, "_blocks", None)
@@ -196,6 +207,7 @@ class KFAC(CurvatureOptimizer):
             self._trainable_variables,
             self.max_factor_size,
             isotropic_fallback=self.fallback == "isotropic",
+            max_patches=self.max_patches_per_example,
         )
         try:
             with tf.init_scope():
@@ -320,9 +332,10 @@ class KFAC(CurvatureOptimizer):
         noise = _noise(seed, z, samples, offset, local)
         gate = gates["curvature"]
         columns = gate.enter(kf.cotangents(likelihood, self.fisher, z, replica.y, scale, noise))
+        uniforms = _patch_uniforms(seed, samples, offset)
         sums = [
             {k: gate.exit(v) for k, v in s.items()}
-            for s in self._block_sums(replica, z, columns, gate)
+            for s in self._block_sums(replica, z, columns, gate, uniforms)
         ]
         gradients = [
             tf.cast(g, dtype)
@@ -338,7 +351,7 @@ class KFAC(CurvatureOptimizer):
         del out["steps"]
         return out
 
-    def _block_sums(self, replica: TrainBatch, z, columns, gate) -> list[dict]:
+    def _block_sums(self, replica: TrainBatch, z, columns, gate, uniforms) -> list[dict]:
         """Per block, this replica's sums (see ``Block.statistics``)."""
         layer_calls: dict[int, list[LayerCall]] = {}
         for call in replica.layer_calls:
@@ -360,7 +373,7 @@ class KFAC(CurvatureOptimizer):
             per_block[b]["calls"].append(call)
             per_block[b]["gradients"].append(gradient)
         sums = []
-        for block, parts in zip(self._blocks, per_block):
+        for b, (block, parts) in enumerate(zip(self._blocks, per_block)):
             calls = [
                 LayerCall(c.layer, gate.enter(c.inputs), c.outputs) for c in parts["calls"] if c
             ]
@@ -372,7 +385,8 @@ class KFAC(CurvatureOptimizer):
                 gamma = handles[block.indices[0]] if "gamma" in block.roles else None
                 sums.append(block.statistics(calls, parts["gradients"], gamma, gate))
             else:
-                sums.append(block.statistics(calls, parts["gradients"]))
+                block_uniforms = functools.partial(uniforms, b)
+                sums.append(block.statistics(calls, parts["gradients"], block_uniforms))
         return sums
 
     def _step(self, sums, gradients, samples, is_curvature, replica) -> dict:
@@ -627,6 +641,7 @@ class KFAC(CurvatureOptimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "max_factor_size": self.max_factor_size,
+                "max_patches_per_example": self.max_patches_per_example,
                 "fallback": self.fallback,
                 "seed": self.seed,
             }
@@ -635,6 +650,17 @@ class KFAC(CurvatureOptimizer):
 
 
 # ---------------------------------------------------------------- step helpers
+
+
+def _uniform(shape, key) -> tf.Tensor:
+    """Float64 uniforms in ``(0, 1)`` from integer draws (XLA reproduces those bit for bit)."""
+    bits = tf.random.stateless_uniform(shape, key, minval=None, maxval=None, dtype=tf.uint32)
+    return (tf.cast(bits, tf.float64) + 0.5) * 2.0**-32
+
+
+def _fold(key, data) -> tf.Tensor:
+    """A key from ``key`` and ``data`` with non-negative entries (XLA's draws need them)."""
+    return tf.bitwise.bitwise_and(tf.random.experimental.stateless_fold_in(key, data), 2**31 - 1)
 
 
 def _noise(seed, z, samples, offset, local):
@@ -650,31 +676,40 @@ def _noise(seed, z, samples, offset, local):
     start = tf.cast(offset, tf.int32)
     size = tf.cast(local, tf.int32)
     dtype = tf.float64 if z.dtype == tf.float64 else tf.float32
-    kinds = {"uniform": 1, "normal": 2, "sign": 3}
-
-    def uniform(shape, key):
-        bits = tf.random.stateless_uniform(shape, key, minval=None, maxval=None, dtype=tf.uint32)
-        return (tf.cast(bits, tf.float64) + 0.5) * 2.0**-32  # in (0, 1)
-
-    def fold(key, data):
-        return tf.bitwise.bitwise_and(
-            tf.random.experimental.stateless_fold_in(key, data), 2**31 - 1
-        )
 
     def draw(kind: str) -> tf.Tensor:
-        key = fold(seed, kinds[kind])
+        key = _fold(seed, _STREAMS[kind])
         shape = [total] if kind == "sign" else tf.concat([[total], tf.shape(z)[1:]], 0)
-        u = uniform(shape, key)
+        u = _uniform(shape, key)
         if kind == "sign":
             values = tf.where(u < 0.5, -tf.ones_like(u), tf.ones_like(u))
         elif kind == "normal":  # Box–Muller
-            v = uniform(shape, fold(key, 1))
+            v = _uniform(shape, _fold(key, 1))
             values = tf.sqrt(-2.0 * tf.math.log(u)) * tf.cos(2.0 * np.pi * v)
         else:
             values = u
         return tf.cast(values[start : start + size], dtype)
 
     return draw
+
+
+def _patch_uniforms(seed, samples, offset):
+    """``uniforms(block, call, examples, count)``: the uniforms of a convolution's patch sample.
+
+    Like :func:`_noise`, drawn per sample of the global batch (``count`` per sample, one
+    stream per block and call) and taken at this replica's samples, so that each sample
+    gets the same patches on one device and on several replicas. A call whose leading
+    axis is not the replica's batch takes the draws cyclically (still uniform).
+    """
+    total = tf.cast(samples, tf.int32)
+    start = tf.cast(offset, tf.int32)
+
+    def uniforms(block: int, call: int, examples, count: int) -> tf.Tensor:
+        key = _fold(_fold(_fold(seed, _STREAMS["patches"]), block), call)
+        u = _uniform([total, count], key)
+        return tf.gather(u, tf.math.floormod(start + tf.range(examples), total))
+
+    return uniforms
 
 
 def _fisher_backward(z: tf.Tensor, columns: tf.Tensor, targets: list) -> list[tf.Tensor]:

@@ -23,7 +23,7 @@ and over the cotangent columns (one, or K for the exact Fisher).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,12 @@ from keras_curv.optimizers.batch import LayerCall
 
 # Largest factor side kept as a full matrix by default; larger factors are diagonal.
 MAX_FACTOR_SIZE = 2048
+# Patches per example a convolution's ``A`` is estimated from by default (docs/kfac.md, "Cost").
+MAX_PATCHES_PER_EXAMPLE = 16
+
+# ``uniforms(call, examples, count)``: ``(examples, count)`` uniforms in ``(0, 1)`` for the
+# patch sample of a block's ``call``-th call (see ``KFAC``'s ``max_patches_per_example``).
+PatchUniforms = Callable[[int, Any, int], tf.Tensor]
 
 
 def _own_call(layer: keras.layers.Layer, cls: type) -> bool:
@@ -89,6 +95,8 @@ class KroneckerBlock(Block):
         kernel_shape: The kernel's shape.
         has_bias: Whether the bias is one of the block's variables (homogeneous row).
         a_diagonal, g_diagonal: Whether ``A`` resp. ``G`` is kept as its diagonal.
+        max_patches: A convolution's ``A`` from at most this many random patches per
+            example (``None``: every patch).
     """
 
     layer_type: str = "dense"
@@ -96,6 +104,7 @@ class KroneckerBlock(Block):
     has_bias: bool = False
     a_diagonal: bool = False
     g_diagonal: bool = False
+    max_patches: int | None = None
 
     def __post_init__(self) -> None:
         self.kind = "kronecker"
@@ -126,29 +135,53 @@ class KroneckerBlock(Block):
 
     # ------------------------------------------------------------ statistics
 
-    def _input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+    def _rows(
+        self, call: LayerCall, gradient: tf.Tensor, uniforms: PatchUniforms | None, index: int
+    ) -> tuple[tf.Tensor, tf.Tensor | float | None, tf.Tensor]:
+        """One call's input rows ``(R, P)`` (no homogeneous column), their weights (``(R,)``,
+        one float for all, or ``None``: 1) and its output-gradient rows ``(K', R', O)``.
+
+        A convolution's rows are its positions (patches). ``A`` takes every one (weights
+        ``None``) or ``max_patches`` random ones per example when the examples have
+        more, each weighted by the positions it stands for
+        (:func:`~kfac_math.patch_sample`); ``G`` always takes every position.
+        """
+        inputs = tf.cast(call.inputs, self.dtype)
+        gradient = tf.cast(gradient, self.dtype)
+        if self.layer_type != "conv":
+            g_rows = tf.reshape(gradient, [gradient.shape[0], -1, gradient.shape[-1]])
+            return km.rows(inputs), None, g_rows
         layer = self.layer
-        inputs = tf.cast(inputs, self.dtype)
-        if self.layer_type == "conv":
-            if layer.data_format == "channels_first":
-                inputs = tf.transpose(inputs, [0, *range(2, inputs.shape.rank), 1])
-            inputs = km.conv_patches(
-                inputs, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
-            )
-        matrix = km.rows(inputs)
-        return km.with_homogeneous(matrix) if self.has_bias else matrix
+        if layer.data_format == "channels_first":
+            inputs = tf.transpose(inputs, [0, *range(2, inputs.shape.rank), 1])
+            gradient = tf.transpose(gradient, [0, 1, *range(3, gradient.shape.rank), 2])
+        g_rows = tf.reshape(gradient, [gradient.shape[0], -1, gradient.shape[-1]])
+        geometry = (layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
+        positions = km.conv_positions(inputs, *geometry)
+        q = self.max_patches
+        if uniforms is None or q is None or (isinstance(positions, int) and positions <= q):
+            return km.rows(km.conv_patches(inputs, *geometry)), None, g_rows
+        indices, weights = km.patch_sample(uniforms(index, tf.shape(inputs)[0], q), positions)
+        a_rows = km.rows(km.patches_at(inputs, *geometry, indices))
+        if not isinstance(weights, float):
+            weights = tf.cast(tf.reshape(weights, [-1]), self.dtype)
+        return a_rows, weights, g_rows
 
-    def _output_rows(self, gradient: tf.Tensor) -> tf.Tensor:
-        """``(K', R, O)`` rows of a call's output gradients ``(K', *outputs.shape)``."""
-        if self.layer_type == "conv" and self.layer.data_format == "channels_first":
-            rank = gradient.shape.rank
-            gradient = tf.transpose(gradient, [0, 1, *range(3, rank), 2])
-        return tf.reshape(tf.cast(gradient, self.dtype), [gradient.shape[0], -1, self.g_dim])
+    def statistics(
+        self,
+        calls: Sequence[LayerCall],
+        gradients: Sequence[tf.Tensor],
+        uniforms: PatchUniforms | None = None,
+    ) -> dict:
+        """Sums ``Σ a aᵀ``, ``Σ g gᵀ`` and the row count over this replica's ``calls``.
 
-    def statistics(self, calls: Sequence[LayerCall], gradients: Sequence[tf.Tensor]) -> dict:
-        """Sums ``Σ a aᵀ``, ``Σ g gᵀ`` and the row count over this replica's ``calls``."""
+        With ``uniforms``, a convolution's ``Σ a aᵀ`` and row count are over a random sample
+        of its positions (unbiased estimates of the sums over every position; see
+        :meth:`_rows`).
+        """
         a_sum, g_sum, count = 0, 0, 0
-        for call, gradient in zip(calls, gradients):
+        for i, (call, gradient) in enumerate(zip(calls, gradients)):
+            a_rows, weights, g_rows = self._rows(call, gradient, uniforms, i)
             if self.layer_type == "embedding":
                 ids = tf.reshape(tf.cast(call.inputs, tf.int32), [-1])
                 a_sum += tf.math.unsorted_segment_sum(
@@ -156,11 +189,11 @@ class KroneckerBlock(Block):
                 )
                 count += tf.cast(tf.size(ids), self.dtype)
             else:
-                matrix = self._input_rows(call.inputs)
-                a_sum += km.second_moment(matrix, self.a_diagonal)
-                count += tf.cast(tf.shape(matrix)[0], self.dtype)
-            g_rows = self._output_rows(gradient)
-            g_sum += tf.reduce_sum(km.second_moment(g_rows, self.g_diagonal), axis=0)
+                a_sum += km.second_moment(a_rows, self.a_diagonal, weights, self.has_bias)
+                count += _row_count(a_rows, weights)
+            # One matrix product over the rows of every cotangent column (oneDNN's batched
+            # product of one tall matrix is slower).
+            g_sum += km.second_moment(km.rows(g_rows), self.g_diagonal)
         return {"a": a_sum, "g": g_sum, "rows": count}
 
     def factors(self, sums: dict, samples: tf.Tensor) -> dict:
@@ -236,29 +269,26 @@ class DepthwiseBlock(KroneckerBlock):
         c = self.channels
         return {name: (c, *shape) for name, shape in super().eigen_shapes().items()}
 
-    def statistics(self, calls: Sequence[LayerCall], gradients: Sequence[tf.Tensor]) -> dict:
-        layer, c, m = self.layer, self.channels, self.g_dim
+    def statistics(
+        self,
+        calls: Sequence[LayerCall],
+        gradients: Sequence[tf.Tensor],
+        uniforms: PatchUniforms | None = None,
+    ) -> dict:
+        c, m = self.channels, self.g_dim
         a_sum, g_sum, count = 0, 0, 0
-        for call, gradient in zip(calls, gradients):
-            inputs = tf.cast(call.inputs, self.dtype)
-            if layer.data_format == "channels_first":
-                inputs = tf.transpose(inputs, [0, *range(2, inputs.shape.rank), 1])
-                gradient = tf.transpose(gradient, [0, 1, *range(3, gradient.shape.rank), 2])
-            patches = km.conv_patches(
-                inputs, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
-            )
+        for i, (call, gradient) in enumerate(zip(calls, gradients)):
+            patches, weights, g_rows = self._rows(call, gradient, uniforms, i)
             # (R, k, C) -> (C, R, k): each channel's patch entries.
             per_channel = tf.transpose(
                 tf.reshape(patches, [-1, self.a_dim - self.has_bias, c]), [2, 0, 1]
             )
-            if self.has_bias:
-                per_channel = km.with_homogeneous(per_channel)
-            a_sum += km.second_moment(per_channel, self.a_diagonal)
-            count += tf.cast(tf.shape(per_channel)[1], self.dtype)
-            # (K', R, C, M) -> (K', C, R, M).
-            g_rows = tf.reshape(tf.cast(gradient, self.dtype), [gradient.shape[0], -1, c, m])
-            g_rows = tf.transpose(g_rows, [0, 2, 1, 3])
-            g_sum += tf.reduce_sum(km.second_moment(g_rows, self.g_diagonal), axis=0)
+            a_sum += km.second_moment(per_channel, self.a_diagonal, weights, self.has_bias)
+            count += _row_count(patches, weights)
+            # (K', R, C, M) -> (C, K'·R, M).
+            g_rows = tf.reshape(g_rows, [g_rows.shape[0], -1, c, m])
+            g_rows = tf.reshape(tf.transpose(g_rows, [2, 0, 1, 3]), [c, -1, m])
+            g_sum += km.second_moment(g_rows, self.g_diagonal)
         return {"a": a_sum, "g": g_sum, "rows": count}
 
     def to_matrix(self, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -276,6 +306,13 @@ class DepthwiseBlock(KroneckerBlock):
         if not self.has_bias:
             return [kernel]
         return [kernel, tf.reshape(matrix[:, -1], [-1])]
+
+
+def _row_count(matrix: tf.Tensor, weights: tf.Tensor | float | None) -> tf.Tensor:
+    """The rows ``(R, P)`` stand for: all of them, or the weight of a patch sample."""
+    if weights is None or isinstance(weights, float):
+        return tf.cast(tf.shape(matrix)[0], matrix.dtype) * (weights or 1.0)
+    return tf.reduce_sum(weights)
 
 
 # --------------------------------------------------------------------- diagonal
@@ -421,12 +458,14 @@ def plan_blocks(
     variables: Sequence[Any],
     max_factor_size: int = MAX_FACTOR_SIZE,
     isotropic_fallback: bool = True,
+    max_patches: int | None = None,
 ) -> list[Block]:
     """The blocks of ``model``'s trainable ``variables`` (in the optimizer's order).
 
     Every variable is in exactly one block; the last block is the :class:`DiagonalBlock`
     of the variables no layer block takes (absent when there are none), isotropic per
-    variable if ``isotropic_fallback``.
+    variable if ``isotropic_fallback``. Convolutions estimate ``A`` from at most
+    ``max_patches`` patches per example.
     """
     index = {id(v): i for i, v in enumerate(variables)}
     candidates = []
@@ -472,6 +511,7 @@ def plan_blocks(
             layer_type="conv" if layer_type == "depthwise" else layer_type,
             kernel_shape=tuple(int(d) for d in pairs[0][1].shape),
             has_bias=len(pairs) > 1,
+            max_patches=max_patches if layer_type in ("conv", "depthwise") else None,
         )  # fmt: skip
         block.a_diagonal = layer_type == "embedding" or block.a_dim > max_factor_size
         block.g_diagonal = block.g_dim > max_factor_size

@@ -13,7 +13,9 @@ outputs, ``R`` the number of rows and ``N`` the number of samples (so that posit
 convolution, tokens of a sequence and calls of a shared layer add up as in KFC).
 A factor is either a full matrix or, when it is too large or diagonal by nature
 (``Embedding``'s one-hot inputs), its diagonal. Factors may carry leading batch axes
-(``DepthwiseConv``: one block per channel).
+(``DepthwiseConv``: one block per channel). A convolution's ``Σ a aᵀ`` may be estimated
+from a random sample of each example's patches (:func:`patch_sample`, :func:`patches_at`)
+instead of all of them.
 
 ``docs/kfac.md`` derives every function here.
 """
@@ -38,17 +40,53 @@ def rows(tensor: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tensor, [-1, tensor.shape[-1]])
 
 
-def with_homogeneous(matrix: tf.Tensor) -> tf.Tensor:
-    """Appends a column of ones (the bias's input) to ``(..., R, P)`` rows."""
-    ones = tf.ones_like(matrix[..., :1])
-    return tf.concat([matrix, ones], axis=-1)
+def second_moment(
+    matrix: tf.Tensor,
+    diagonal: bool,
+    weights: tf.Tensor | float | None = None,
+    homogeneous: bool = False,
+) -> tf.Tensor:
+    """``Σ_r w_r x_r x_rᵀ`` of ``(..., R, P)`` rows (``(..., P, P)``), or its diagonal ``(..., P)``.
 
-
-def second_moment(matrix: tf.Tensor, diagonal: bool) -> tf.Tensor:
-    """``Σ_r x_r x_rᵀ`` of ``(..., R, P)`` rows (``(..., P, P)``), or its diagonal ``(..., P)``."""
+    Args:
+        matrix: The rows ``x_r``.
+        diagonal: Only the diagonal.
+        weights: ``w_r``: a patch sample's (:func:`patch_sample`), shape ``(R,)``, or one
+            float for every row; default 1.
+        homogeneous: Of the rows ``[x_r, 1]`` (the bias's input), ``P + 1`` wide,
+            without building them: the last row and column are ``Σ w x`` and ``Σ w``.
+    """
+    per_row = weights is not None and not isinstance(weights, float)
+    weighted = matrix * weights[:, None] if per_row else matrix
     if diagonal:
-        return tf.reduce_sum(tf.square(matrix), axis=-2)
-    return tf.matmul(matrix, matrix, transpose_a=True)
+        moment = tf.reduce_sum(weighted * matrix, axis=-2)
+    else:
+        moment = tf.matmul(weighted, matrix, transpose_a=True)
+    scale = weights if isinstance(weights, float) else 1.0
+    if not homogeneous:
+        return moment if scale == 1.0 else scale * moment
+    column = tf.reduce_sum(weighted, axis=-2)
+    if per_row:
+        total = tf.reduce_sum(weights)
+    else:
+        total = tf.cast(tf.shape(matrix)[-2], matrix.dtype)
+    total = tf.ones_like(column[..., :1]) * total
+    if diagonal:
+        return scale * tf.concat([moment, total], axis=-1)
+    top = tf.concat([moment, column[..., :, None]], axis=-1)
+    bottom = tf.concat([column, total], axis=-1)[..., None, :]
+    return scale * tf.concat([top, bottom], axis=-2)
+
+
+def _as_2d(inputs: tf.Tensor, kernel_size, strides, dilation, padding):
+    """A 1-D convolution's input and geometry as a 2-D one of height 1 (causal: left padding)."""
+    if inputs.shape.rank != 3:
+        return inputs, tuple(kernel_size), tuple(strides), tuple(dilation), padding
+    if padding == "causal":
+        left = dilation[0] * (kernel_size[0] - 1)
+        inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+        padding = "valid"
+    return inputs[:, None], (1, *kernel_size), (1, *strides), (1, *dilation), padding
 
 
 def conv_patches(
@@ -69,21 +107,131 @@ def conv_patches(
         ``(N, positions..., k·C)``, each patch flattened in the kernel's ``(kh, kw, C)``
         order, so that ``patches @ kernel.reshape(-1, out)`` is the convolution.
     """
-    if inputs.shape.rank == 3:
-        if padding == "causal":
-            left = dilation[0] * (kernel_size[0] - 1)
-            inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
-            padding = "valid"
-        inputs = inputs[:, None]
-        kernel_size, strides, dilation = (1, *kernel_size), (1, *strides), (1, *dilation)
-    patches = tf.image.extract_patches(
+    inputs, kernel_size, strides, dilation, padding = _as_2d(
+        inputs, kernel_size, strides, dilation, padding
+    )
+    return tf.image.extract_patches(
         inputs,
         sizes=[1, *kernel_size, 1],
         strides=[1, *strides, 1],
         rates=[1, *dilation, 1],
         padding=padding.upper(),
     )
-    return patches
+
+
+def _axis_geometry(size: Any, kernel: int, stride: int, dilation: int, padding: str):
+    """``(outputs, padding before, padding after)`` of one spatial axis, TensorFlow's rule.
+
+    ``size`` is an int or a scalar tensor (a dynamic spatial size); so are the results.
+    """
+    span = (kernel - 1) * dilation + 1
+    if padding == "valid":
+        return (size - span) // stride + 1, 0, 0
+    outputs = -(-size // stride)
+    total = (outputs - 1) * stride + span - size
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    return outputs, total // 2, total - total // 2
+
+
+def _geometry(inputs: tf.Tensor, kernel_size, strides, dilation, padding) -> list[tuple]:
+    """:func:`_axis_geometry` of each spatial axis of a 2-D ``inputs``."""
+    dynamic = tf.shape(inputs)
+    sizes = [inputs.shape[a] if inputs.shape[a] is not None else dynamic[a] for a in (1, 2)]
+    return [
+        _axis_geometry(size, k, s, d, padding)
+        for size, k, s, d in zip(sizes, kernel_size, strides, dilation)
+    ]
+
+
+def conv_positions(
+    inputs: tf.Tensor,
+    kernel_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: str,
+) -> Any:
+    """The number of output positions per example (patches per example) of a convolution.
+
+    An ``int`` when the input's spatial shape is static, else a scalar ``int32`` tensor.
+    """
+    inputs, kernel_size, strides, dilation, padding = _as_2d(
+        inputs, kernel_size, strides, dilation, padding
+    )
+    (height, _, _), (width, _, _) = _geometry(inputs, kernel_size, strides, dilation, padding)
+    return height * width
+
+
+def patch_sample(uniforms: tf.Tensor, positions: Any) -> tuple[tf.Tensor, Any]:
+    """``(indices, weights)``: ``q`` of each example's ``positions`` positions, drawn uniformly.
+
+    Each index is ``⌊u · positions⌋`` for a uniform ``u`` (with replacement) and stands
+    for ``positions / q`` positions, so that for any per-position statistic ``x``,
+    ``E[Σ_j w_j x_{n,i_j}] = Σ_p x_{n,p}``: weighted sums over the sample are unbiased
+    estimates of the sums over every position (KFC's ``Σ a aᵀ``), and the weights add up
+    to the number of positions. When ``positions ≤ q`` (possible for a dynamic
+    spatial size) the indices are every position once instead, padded with weight-0
+    copies of the last: the exact sums.
+
+    Args:
+        uniforms: ``(N, q)`` uniforms in ``(0, 1)``.
+        positions: The positions per example (:func:`conv_positions`), an int or a tensor.
+
+    Returns:
+        ``indices`` ``(N, q)`` ``int32`` and ``weights``: the float ``positions / q`` for a
+        static ``positions > q``, else float64 ``(N, q)``.
+    """
+    q = uniforms.shape[-1]
+    if isinstance(positions, int) and positions > q:
+        drawn = tf.floor(tf.cast(uniforms, tf.float64) * positions)
+        return tf.cast(drawn, tf.int32), positions / q
+    total = tf.cast(positions, tf.int32)
+    every = tf.broadcast_to(tf.range(q), tf.shape(uniforms))
+    scale = tf.cast(total, tf.float64)
+    drawn = tf.cast(tf.floor(tf.cast(uniforms, tf.float64) * scale), tf.int32)
+    fits = total <= q
+    indices = tf.where(fits, tf.minimum(every, total - 1), drawn)
+    exact = tf.cast(every < total, tf.float64)
+    weights = tf.where(fits, exact, tf.broadcast_to(scale / q, tf.shape(uniforms)))
+    return indices, weights
+
+
+def patches_at(
+    inputs: tf.Tensor,
+    kernel_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: str,
+    indices: tf.Tensor,
+) -> tf.Tensor:
+    """The patches of :func:`conv_patches` at some output positions of each example.
+
+    Gathers the ``k`` input pixels of each requested patch, without extracting the others.
+
+    Args:
+        inputs, kernel_size, strides, dilation, padding: As for :func:`conv_patches`.
+        indices: ``(N, q)`` output positions, flattened row-major over the output's
+            spatial axes.
+
+    Returns:
+        ``(N, q, k·C)``: ``conv_patches(...)`` reshaped to ``(N, positions, k·C)`` and
+        gathered at ``indices`` along its second axis.
+    """
+    inputs, kernel_size, strides, dilation, padding = _as_2d(
+        inputs, kernel_size, strides, dilation, padding
+    )
+    (_, top, bottom), (out_width, left, right) = _geometry(
+        inputs, kernel_size, strides, dilation, padding
+    )
+    if padding == "same":
+        inputs = tf.pad(inputs, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    shape = tf.shape(inputs)
+    rows = (indices // out_width)[..., None] * sh + tf.range(kh) * dh  # (N, q, kh)
+    cols = (indices % out_width)[..., None] * sw + tf.range(kw) * dw  # (N, q, kw)
+    pixels = rows[..., :, None] * shape[2] + cols[..., None, :]  # (N, q, kh, kw)
+    flat = tf.reshape(inputs, [shape[0], -1, inputs.shape[-1]])
+    gathered = tf.gather(flat, tf.reshape(pixels, [shape[0], -1]), batch_dims=1)
+    return tf.reshape(gathered, [shape[0], -1, kh * kw * inputs.shape[-1]])
 
 
 def weighted_ema(old: tf.Tensor, new: tf.Tensor, decay: float, count: tf.Tensor) -> tf.Tensor:

@@ -47,6 +47,13 @@ CASES = {
     ),
     "exact_every_option_f64": (lambda: KFAC(0.1, fisher="exact", **_EVERY), "float64", "mlp", True),
     "conv_norm_f64": (lambda: KFAC(0.1, seed=1, **_EVERY), "float64", "conv", False),
+    # 2 of the convolutions' 5 resp. 4 patches per example: drawn per sample, as labels.
+    "conv_patch_sample_f64": (
+        lambda: KFAC(0.1, seed=1, max_patches_per_example=2),
+        "float64",
+        "conv",
+        False,
+    ),
     # The multi-replica loss-scaling path (statistics summed in the step graph), exact.
     "loss_scaled_f64": (
         lambda: keras.optimizers.LossScaleOptimizer(KFAC(0.1, seed=3, **_EVERY)),

@@ -401,10 +401,13 @@ def test_save_load_and_backup_and_restore_resume_like_uninterrupted(tmp_path):
 def test_config_round_trip():
     optimizer = KFAC(0.3, damping=2.0, momentum=0.5, ema_decay=0.9, curvature_update_every=2,
                      inverse_update_every=7, fisher="exact", norm_constraint=None,
-                     adapt_damping=True, max_damping=10.0, fallback="diagonal", seed=5,
-                     clipnorm=1.0)  # fmt: skip
+                     adapt_damping=True, max_damping=10.0, max_patches_per_example=3,
+                     fallback="diagonal", seed=5, clipnorm=1.0)  # fmt: skip
     again = KFAC.from_config(optimizer.get_config())
     assert again.get_config() == optimizer.get_config()
+    assert again.max_patches_per_example == 3
+    exact = KFAC.from_config(KFAC(max_patches_per_example=None).get_config())
+    assert exact.max_patches_per_example is None
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(restored, KFAC) and restored.get_config() == optimizer.get_config()
 
@@ -427,6 +430,9 @@ def test_config_round_trip():
         ({"damping_adaptation_decay": 0.0}, "damping_adaptation_decay"),
         ({"min_damping": 1.0, "max_damping": 0.5}, "max_damping"),
         ({"max_factor_size": 0}, "max_factor_size"),
+        ({"max_patches_per_example": 0}, "max_patches_per_example"),
+        ({"max_patches_per_example": -3}, "max_patches_per_example"),
+        ({"max_patches_per_example": 8.0}, "max_patches_per_example` must be an int >= 1 or None"),
         ({"fallback": "full"}, "fallback"),
         ({"seed": 1.5}, "seed"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),

@@ -12,13 +12,14 @@ from keras_curv.optimizers import KFAC
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
 
 
-def _factors_after_one_step(model, x, y, *, fisher="empirical", loss=SCCE, **kwargs):
+def _factors_after_one_step(model, x, y, *, fisher="empirical", loss=SCCE, jit_compile=False,
+                            **kwargs):  # fmt: skip
     """The optimizer after one step that only measures (lr 0, EMA off)."""
     optimizer = KFAC(
         learning_rate=0.0, ema_decay=0.0, momentum=0.0, norm_constraint=None, fisher=fisher,
         **kwargs,
     )  # fmt: skip
-    model.compile(optimizer=optimizer, loss=loss)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
     return optimizer
 
@@ -144,24 +145,104 @@ def _conv_model():
     )
 
 
+_CONV_LAYERS = {  # name: (kernel, strides, dilation, padding, bias) of _conv_model
+    "c1": ((2, 3), (1, 2), (1, 1), "same", True),  # 5 x 3 = 15 positions
+    "c2": ((2, 2), (1, 1), (2, 2), "valid", False),  # 3 x 1 = 3 positions
+}
+
+
+def _conv_oracle(model, x, y):
+    """Per layer of ``_CONV_LAYERS``: the patch rows ``(N, positions, P)`` and the exact factors."""
+    inputs, grads = _eager_forward(model, x, y, set(_CONV_LAYERS))
+    out = {}
+    for name, (kernel, strides, dilation, padding, bias) in _CONV_LAYERS.items():
+        patches = _numpy_patches(inputs[name], kernel, strides, dilation, padding)
+        if bias:
+            patches = np.concatenate([patches, np.ones((*patches.shape[:2], 1))], axis=-1)
+        rows = patches.reshape(-1, patches.shape[-1])
+        g = grads[name].reshape(-1, grads[name].shape[-1])
+        out[name] = (patches, rows.T @ rows / len(rows), g.T @ g / len(x))
+    return out
+
+
 def test_conv2d_factors_match_explicit_patch_extraction():
     model = _conv_model()
     x, y = _data((5, 6, 2), 4)
-    inputs, grads = _eager_forward(model, x, y, {"c1", "c2"})
-    optimizer = _factors_after_one_step(model, x, y)
-    layers = {
-        "c1": ((2, 3), (1, 2), (1, 1), "same", True),
-        "c2": ((2, 2), (1, 1), (2, 2), "valid", False),
-    }
-    for name, (kernel, strides, dilation, padding, bias) in layers.items():
-        patches = _numpy_patches(inputs[name], kernel, strides, dilation, padding)
-        rows = patches.reshape(-1, patches.shape[-1])
-        if bias:
-            rows = np.c_[rows, np.ones(len(rows))]
-        g = grads[name].reshape(-1, grads[name].shape[-1])
+    oracle = _conv_oracle(model, x, y)
+    optimizer = _factors_after_one_step(model, x, y, max_patches_per_example=None)
+    for name, (_, a, g) in oracle.items():
         factors = optimizer.factors(name)
-        np.testing.assert_allclose(factors["a"], rows.T @ rows / len(rows), rtol=1e-12)
-        np.testing.assert_allclose(factors["g"], g.T @ g / len(x), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(factors["a"], a, rtol=1e-12)
+        np.testing.assert_allclose(factors["g"], g, rtol=1e-12, atol=1e-15)
+
+
+def test_patch_sampled_input_factor_is_unbiased_and_leaves_g_exact():
+    """2 of each example's patches, 300 steps on one batch (lr 0): the EMA of the sampled
+    ``A`` against explicit patch extraction, within 5 standard errors.
+
+    One step's estimate is ``(1/(N q)) Σ_n Σ_j y_{n,i_j}`` per entry (``i_j`` uniform), of
+    variance ``Σ_n Var_p(y_{n,p}) / (N² q)``; the bias-corrected EMA weighs step ``t``
+    by ``w_t ∝ ε^(T−t)``, so its variance is ``Σ_t w_t²`` times that. ``G`` is exact.
+    """
+    model = _conv_model()
+    x, y = _data((5, 6, 2), 4)
+    oracle = _conv_oracle(model, x, y)
+    steps, decay, q = 300, 0.99, 2
+    optimizer = KFAC(learning_rate=0.0, ema_decay=decay, momentum=0.0, norm_constraint=None,
+                     fisher="empirical", max_patches_per_example=q, seed=0)  # fmt: skip
+    model.compile(optimizer=optimizer, loss=SCCE)
+    model.fit(np.tile(x, (steps, 1, 1, 1)), np.tile(y, steps), batch_size=len(x), epochs=1,
+              shuffle=False, verbose=0)  # fmt: skip
+    w = (1 - decay) * decay ** np.arange(steps) / (1 - decay**steps)
+    for name, (patches, a, g) in oracle.items():
+        outer = patches[..., :, None] * patches[..., None, :]  # (N, positions, P, P)
+        variance = outer.var(axis=1).sum(axis=0) / (len(x) ** 2 * q) * np.sum(w**2)
+        error = np.abs(optimizer.factors(name)["a"].numpy() - a)
+        assert np.all(error <= 5 * np.sqrt(variance) + 1e-12), name
+        assert np.max(error) > 1e-6  # sampled, not exact
+        np.testing.assert_allclose(optimizer.factors(name)["g"], g, rtol=1e-11, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_patch_sample_is_reproducible_and_exact_when_the_patches_fit():
+    """A seed fixes the sample (also under XLA); ``q`` ≥ the positions gives the exact
+    ``A``, statically and for a dynamic spatial size (every patch once)."""
+    x, y = _data((5, 6, 2), 4)
+    oracle = _conv_oracle(_conv_model(), x, y)
+
+    def factor(q, seed=0, **compile_kwargs):
+        optimizer = _factors_after_one_step(_conv_model(), x, y, max_patches_per_example=q,
+                                            seed=seed, **compile_kwargs)  # fmt: skip
+        return optimizer.factors("c1")["a"].numpy()
+
+    first = factor(2, seed=3)
+    np.testing.assert_array_equal(factor(2, seed=3), first)
+    np.testing.assert_allclose(factor(2, seed=3, jit_compile=True), first, rtol=1e-12)
+    assert np.max(np.abs(factor(2, seed=4) - first)) > 1e-3
+    assert np.max(np.abs(first - oracle["c1"][1])) > 1e-3
+    np.testing.assert_allclose(factor(15), oracle["c1"][1], rtol=1e-12)
+    # Spatial sizes unknown to the trace: q ≥ the positions takes every one (weight 1) and
+    # padding (weight 0); q = 2 the same draws as with static sizes.
+    spec = (tf.TensorSpec((None, None, None, 2), tf.float64), tf.TensorSpec((None,), tf.int64))
+    data = tf.data.Dataset.from_generator(lambda: iter([(x, y)]), output_signature=spec)
+
+    def dynamic_factor(q, seed=0):
+        keras.utils.set_random_seed(2)
+        model = keras.Sequential([
+            keras.Input((None, None, 2), dtype="float64"),
+            keras.layers.Conv2D(3, (2, 3), strides=(1, 2), padding="same", name="c1",
+                                dtype="float64"),
+            keras.layers.GlobalAveragePooling2D(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ])  # fmt: skip
+        optimizer = KFAC(learning_rate=0.0, ema_decay=0.0, momentum=0.0, norm_constraint=None,
+                         fisher="empirical", max_patches_per_example=q, seed=seed)  # fmt: skip
+        model.compile(optimizer=optimizer, loss=SCCE)
+        model.fit(data.repeat(), steps_per_epoch=1, epochs=1, shuffle=False, verbose=0)
+        return optimizer.factors("c1")["a"].numpy()
+
+    np.testing.assert_allclose(dynamic_factor(20), oracle["c1"][1], rtol=1e-12)
+    np.testing.assert_allclose(dynamic_factor(2, seed=3), first, rtol=1e-12)
 
 
 def test_conv1d_causal_and_depthwise_factors():

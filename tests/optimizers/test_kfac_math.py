@@ -124,6 +124,91 @@ def test_conv_patches_order_matches_the_kernel_layout():
     np.testing.assert_allclose(got.numpy(), conv.numpy(), rtol=1e-12, atol=1e-12)
 
 
+_GEOMETRIES = [  # (input shape, kernel, strides, dilation, padding)
+    ((2, 5, 6, 3), (3, 2), (1, 1), (1, 1), "same"),
+    ((2, 5, 6, 3), (3, 2), (2, 1), (1, 1), "valid"),
+    ((2, 7, 6, 3), (2, 3), (2, 2), (2, 1), "same"),
+    ((2, 9, 3), (3,), (1,), (2,), "causal"),
+    ((2, 9, 3), (2,), (2,), (1,), "same"),
+]
+
+
+@pytest.mark.parametrize("shape, kernel, strides, dilation, padding", _GEOMETRIES)
+def test_patches_at_are_the_conv_patches_at_those_positions(
+    shape, kernel, strides, dilation, padding
+):
+    """Gathered from the input (also with dynamic spatial sizes) = ``conv_patches`` rows."""
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=shape))
+    geometry = (kernel, strides, dilation, padding)
+    every = km.conv_patches(x, *geometry)
+    every = tf.reshape(every, [shape[0], -1, every.shape[-1]])
+    positions = km.conv_positions(x, *geometry)
+    assert positions == every.shape[1]
+    indices = tf.constant(rng.integers(0, positions, size=(shape[0], 7)), tf.int32)
+    expected = tf.gather(every, indices, batch_dims=1).numpy()
+    np.testing.assert_array_equal(km.patches_at(x, *geometry, indices), expected)
+    dynamic = tf.TensorSpec([None] * (len(shape) - 1) + [shape[-1]], tf.float64)
+
+    @tf.function(input_signature=[dynamic, tf.TensorSpec([None, None], tf.int32)])
+    def traced(x, indices):
+        return km.patches_at(x, *geometry, indices), km.conv_positions(x, *geometry)
+
+    patches, count = traced(x, indices)
+    np.testing.assert_array_equal(patches, expected)
+    assert int(count) == positions
+
+
+def test_patch_sample_is_unbiased_and_exact_when_the_positions_fit():
+    """``Σ_j w_j x_{i_j} x_{i_j}ᵀ`` over 400 draws against ``Σ_p x_p x_pᵀ`` of every position.
+
+    With ``q`` draws with replacement the estimate's variance per entry is
+    ``(P²/q) Var_p(y_p)`` (``y_p`` the entry of ``x_p x_pᵀ``); the mean of 400 draws is
+    within 5 of its standard errors (fixed seeds: deterministic; a missing ``P/q`` is
+    off by a factor ``P/q = 3.5``).
+    """
+    rng = np.random.default_rng(5)
+    n, p, k, q, draws = 3, 14, 4, 4, 400
+    x = rng.normal(size=(n, p, k)) + 1.0
+    outer = x[..., :, None] * x[..., None, :]  # (n, p, k, k)
+    exact = outer.sum(axis=1)
+    estimates = []
+    for seed in range(draws):
+        uniforms = tf.random.stateless_uniform((n, q), (seed, 1), dtype=tf.float64)
+        indices, weights = km.patch_sample(uniforms, p)
+        assert weights == p / q
+        # A dynamic number of positions: the same draw, one weight per index.
+        same, per_index = km.patch_sample(uniforms, tf.constant(p))
+        np.testing.assert_array_equal(same, indices)
+        np.testing.assert_array_equal(per_index, np.full((n, q), p / q))
+        chosen = np.take_along_axis(outer, indices.numpy()[..., None, None], axis=1)
+        estimates.append(weights * chosen.sum(axis=1))
+    error = np.abs(np.mean(estimates, axis=0) - exact)
+    standard_error = np.sqrt(p**2 / q * outer.var(axis=1) / draws)
+    assert np.all(error < 5 * standard_error), np.max(error / standard_error)
+    # Fewer positions than draws (a dynamic spatial size): every position once.
+    indices, weights = km.patch_sample(tf.fill([2, 5], 0.5), tf.constant(3))
+    np.testing.assert_array_equal(indices, [[0, 1, 2, 2, 2]] * 2)
+    np.testing.assert_array_equal(weights, [[1, 1, 1, 0, 0]] * 2)
+
+
+def test_second_moment_with_weights_and_a_homogeneous_coordinate():
+    rng = np.random.default_rng(6)
+    x, w = rng.normal(size=(6, 3)), rng.uniform(0, 2, 6)
+    rows = np.c_[x, np.ones(6)]
+    full = (rows * w[:, None]).T @ rows
+    got = km.second_moment(tf.constant(x), False, tf.constant(w), homogeneous=True)
+    np.testing.assert_allclose(got, full, rtol=1e-13)
+    got = km.second_moment(tf.constant(x), True, tf.constant(w), homogeneous=True)
+    np.testing.assert_allclose(got, np.diag(full), rtol=1e-13)
+    for diagonal in (False, True):  # one weight for every row
+        got = km.second_moment(tf.constant(x), diagonal, 2.5, homogeneous=True)
+        expected = 2.5 * rows.T @ rows
+        np.testing.assert_allclose(got, np.diag(expected) if diagonal else expected, rtol=1e-13)
+    batched = km.second_moment(tf.constant(np.stack([x, 2 * x])), False, homogeneous=True)
+    np.testing.assert_allclose(batched[1], np.c_[2 * x, np.ones(6)].T @ np.c_[2 * x, np.ones(6)])
+
+
 # ----------------------------------------------------------------- kfac_fisher
 
 
