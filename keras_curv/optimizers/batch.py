@@ -264,6 +264,13 @@ class TrainBatch:
             jv = tf.gradients(lhs, dummies, grad_ys=cotangents)
             jv = [tf.zeros_like(d) if j is None else j for j, d in zip(jv, dummies)]
             output_gradients = tf.gradients(self.loss, outputs)
+            if all(g is None for g in output_gradients):
+                raise ValueError(
+                    "The Gauss-Newton product splits the loss at the model's outputs "
+                    "(y_pred), but this model's loss does not depend on them (a custom "
+                    "compute_loss, e.g. a physics residual). Use the Hessian instead "
+                    '(e.g. curvature="hessian"), or compute the loss from y_pred.'
+                )
             hjv = tf.gradients(output_gradients, outputs, grad_ys=jv)
             hjv = [tf.zeros_like(o) if h is None else h for h, o in zip(hjv, outputs)]
             ggn = tf.gradients(outputs, handles, grad_ys=hjv)

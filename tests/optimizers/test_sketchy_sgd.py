@@ -503,3 +503,30 @@ def test_a_replica_with_an_empty_weighted_shard_trains():
     result = _distributed_reports()["sketchy_empty_shard_weighted_f64"]
     assert result["iterations"] == [8, 8]
     assert result["replicas_agree"] and result["finite"] and result["moved"] > 0.2
+
+
+class ResidualModel(keras.Model):
+    """A loss written in ``compute_loss`` that never reads ``y_pred`` (as a PINN's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return tf.reduce_mean(tf.square(self.dense(2.0 * x) - 1.0))
+
+
+def test_gauss_newton_on_a_loss_that_ignores_y_pred_names_the_fix():
+    """It used to fail deep in the graph with ``'NoneType' object has no attribute 'op'``."""
+    x = np.random.default_rng(0).standard_normal((16, 3)).astype("float32")
+    model = ResidualModel()
+    model.compile(optimizer=SketchySGD(rank=2, oversampling=2))
+    with pytest.raises(ValueError, match='does not depend on them.*curvature="hessian"'):
+        model.fit(x, np.zeros((16, 1), "float32"), batch_size=16, verbose=0)
+    hessian = ResidualModel()
+    hessian.compile(optimizer=SketchySGD(rank=2, oversampling=2, curvature="hessian"))
+    history = hessian.fit(x, np.zeros((16, 1), "float32"), batch_size=16, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
