@@ -142,17 +142,18 @@ def test_calling_models_finds_the_model_among_callers():
 
 
 @pytest.mark.parametrize(
-    "layer, shape",
+    "make, shape",
     [
-        (keras.layers.Dense(3, activation="relu"), (2, 4)),
-        (keras.layers.Conv2D(2, 2, activation="relu"), (1, 4, 4, 1)),
-        (keras.layers.DepthwiseConv2D(2, activation="relu"), (1, 4, 4, 2)),
-        (keras.layers.Conv1D(2, 2, activation="relu"), (1, 4, 2)),
+        (lambda: keras.layers.Dense(3, activation="relu"), (2, 4)),
+        (lambda: keras.layers.Conv2D(2, 2, activation="relu"), (1, 4, 4, 1)),
+        (lambda: keras.layers.DepthwiseConv2D(2, activation="relu"), (1, 4, 4, 2)),
+        (lambda: keras.layers.Conv1D(2, 2, activation="relu"), (1, 4, 2)),
     ],
 )
-def test_layers_apply_their_activation_last(layer, shape):
+def test_layers_apply_their_activation_last(make, shape):
     """Layer taps run ``call`` with ``activation=None`` to see the pre-activation output."""
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)  # the layer is made here: its weights follow the seed
+    layer = make()
     x = np.random.default_rng(0).normal(size=shape).astype("float32")
     out = layer(x).numpy()
     activation = layer.activation
