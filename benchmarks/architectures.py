@@ -12,12 +12,14 @@ fastest of ``repeats`` rounds is kept, so load from other processes hits them al
 * ``hvp``: ``HessianOperator.matvec`` (training-mode forward) over one gradient of the
   same loss (median and fastest of interleaved calls);
 * ``steps``: step time through ``model.fit`` (fastest interleaved epoch): ``AdaHessian``
-  with ``update_each=1`` and ``5`` over ``Adam``; ``ClassSubspaceNewton`` (``"paper"``
+  with ``update_each=1`` and ``5`` and ``Sophia`` (Hutchinson, ``update_every=1`` and
+  ``5``) over ``Adam``; ``ClassSubspaceNewton`` (``"paper"``
   and ``"gauss_newton"``, statistics every step and every 10) over ``SGD``, at C = 10
   and C = 100, with the class-gradient path each model gets;
 * ``startup``: one fresh process per (model, optimizer): the first step's latency
   (tracing included) over Adam's, how often the train step was traced by an epoch whose
-  last batch is short, and the peak host memory (``ru_maxrss``) above the built model.
+  last batch is short, the peak host memory (``ru_maxrss``) above the built model and
+  the optimizer's state; an optimizer that refuses a model is recorded with its error.
 
 Writes ``benchmarks/results/architectures.json`` and the section between
 ``<!-- architectures:begin -->`` and ``<!-- architectures:end -->`` of
@@ -47,6 +49,8 @@ TARGETS = {
     "hvp_over_grad": 2.2,
     "adahessian_over_adam": 2.0,
     "adahessian_5_over_adam": 1.2,
+    "sophia_h_over_adam": 2.0,
+    "sophia_h_5_over_adam": 1.2,
     "csn_paper_over_sgd": 3.0,
     "csn_gn_over_sgd": 4.0,
     "csn_gn_10_over_sgd": 1.5,
@@ -100,12 +104,14 @@ MODES = {
                     classes=(10, 100), steps=6, repeats=3, hvp_repeats=10,
                     csn_models=("transformer", "lstm", "bn_resnet"),
                     startup_models=("mobilenet_v2", "transformer", "lstm", "bn_resnet"),
-                    startup_optimizers=("adam", "adahessian", "csn_gn")),
+                    startup_optimizers=("adam", "adahessian", "sophia_h", "csn_gn", "kfac",
+                                        "shampoo")),
     "full": dict(models=("mobilenet_v2", "transformer", "lstm", "bn_resnet"),
                  classes=(10, 100), steps=10, repeats=5, hvp_repeats=20,
                  csn_models=("mobilenet_v2", "transformer", "lstm", "bn_resnet"),
                  startup_models=("mobilenet_v2", "transformer", "lstm", "bn_resnet"),
-                 startup_optimizers=("adam", "sgd", "adahessian", "csn_paper", "csn_gn")),
+                 startup_optimizers=("adam", "sgd", "adahessian", "sophia_h", "csn_paper",
+                                     "csn_gn", "kfac", "shampoo")),
 }  # fmt: skip
 
 
@@ -147,13 +153,17 @@ def make_optimizer(key: str):
     """The optimizers compared, by key (small learning rates: timing, not training)."""
     import keras
 
-    from keras_curv.optimizers import AdaHessian, ClassSubspaceNewton
+    from keras_curv.optimizers import KFAC, AdaHessian, ClassSubspaceNewton, Shampoo, Sophia
 
     makers = {
         "adam": lambda: keras.optimizers.Adam(1e-3),
         "sgd": lambda: keras.optimizers.SGD(1e-2),
         "adahessian": lambda: AdaHessian(1e-3),
         "adahessian_5": lambda: AdaHessian(1e-3, update_each=5),
+        "sophia_h": lambda: Sophia(1e-3, update_every=1),
+        "sophia_h_5": lambda: Sophia(1e-3, update_every=5),
+        "kfac": lambda: KFAC(1e-3),
+        "shampoo": lambda: Shampoo(1e-3),
         "csn_paper": lambda: ClassSubspaceNewton(1e-2),
         "csn_paper_10": lambda: ClassSubspaceNewton(1e-2, update_each=10),
         "csn_gn": lambda: ClassSubspaceNewton(1e-2, curvature="gauss_newton", damping=1.0),
@@ -242,9 +252,9 @@ def measure_steps(name: str, num_classes: int, keys, steps: int, repeats: int, l
     row["num_params"] = int(sum(int(v.shape.num_elements()) for v in any_model.trainable_weights))
     row["class_gradient_path"] = class_gradient_path(any_model)
     for key, value in seconds.items():
-        base = seconds.get("adam") if key.startswith("adahessian") else seconds.get("sgd")
-        if base and key not in ("adam", "sgd"):
-            row[f"{key}_over_{'adam' if key.startswith('adahessian') else 'sgd'}"] = value / base
+        reference = "adam" if key.startswith(("adahessian", "sophia")) else "sgd"
+        if seconds.get(reference) and key not in ("adam", "sgd"):
+            row[f"{key}_over_{reference}"] = value / seconds[reference]
     ratios = {k: round(v, 2) for k, v in row.items() if "_over_" in k}
     log(f"  steps {name} C={num_classes} ({row['class_gradient_path']}): {ratios}")
     return row
@@ -275,7 +285,11 @@ def child_startup(name: str, key: str) -> dict:
     model.train_step = counted
     model.compile(optimizer=optimizer, loss=make_loss(name))
     start = time.perf_counter()
-    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    try:
+        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    except (ValueError, TypeError, NotImplementedError, MemoryError) as error:
+        # The optimizer's own refusal of this architecture, with the message users see.
+        return {"model": name, "optimizer": key, "refused": f"{type(error).__name__}: {error}"}
     first = time.perf_counter() - start
     traces_first = len(traces)
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
@@ -312,6 +326,9 @@ def measure_startup(names, keys, threads: int | None, log=print) -> list[dict]:
                 raise RuntimeError(f"startup child {name}:{key} failed:\n{done.stderr[-3000:]}")
             row = json.loads(lines[-1])
             rows.append(row)
+            if "refused" in row:
+                log(f"  startup {name} {key}: refused ({row['refused'][:120]})")
+                continue
             log(
                 f"  startup {name} {key}: first step {row['first_step_s']:.1f} s, "
                 f"retraces {row['retraces_over_short_batch']}, peak "
@@ -319,7 +336,7 @@ def measure_startup(names, keys, threads: int | None, log=print) -> list[dict]:
             )
     adam = {r["model"]: r["first_step_s"] for r in rows if r["optimizer"] == "adam"}
     for row in rows:
-        if row["model"] in adam:
+        if row["model"] in adam and "refused" not in row:
             row["first_step_over_adam"] = row["first_step_s"] / adam[row["model"]]
     return rows
 
@@ -354,7 +371,7 @@ def run(
             for c in config["classes"]:
                 keys = ["sgd"]
                 if c == 10:
-                    keys = ["adam", "adahessian", "adahessian_5", "sgd"]
+                    keys = ["adam", "adahessian", "adahessian_5", "sophia_h", "sophia_h_5", "sgd"]
                 if name in config["csn_models"]:
                     keys += ["csn_paper", "csn_paper_10", "csn_gn", "csn_gn_10"]
                 if keys == ["sgd"]:
@@ -421,9 +438,10 @@ def markdown(result: dict) -> str:
     if result.get("steps"):
         lines += [
             "| model | C | class gradients | Adam ms/step | AdaHessian / Adam (≤ 2.0) "
-            "| `update_each=5` (≤ 1.2) | SGD ms/step | CSN paper / SGD (≤ 3) "
+            "| `update_each=5` (≤ 1.2) | Sophia-H / Adam (≤ 2.0) | `update_every=5` (≤ 1.2) "
+            "| SGD ms/step | CSN paper / SGD (≤ 3) "
             "| paper, every 10 | CSN GN / SGD (≤ 4) | GN, every 10 (≤ 1.5) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- " * 13 + "|",
         ]
         for r in result["steps"]:
             s = r["seconds_per_step"]
@@ -432,6 +450,8 @@ def markdown(result: dict) -> str:
                 f"{_fmt(s.get('adam') and 1e3 * s['adam'], '.0f')} | "
                 f"{_mark(r.get('adahessian_over_adam'), TARGETS['adahessian_over_adam'])} | "
                 f"{_mark(r.get('adahessian_5_over_adam'), TARGETS['adahessian_5_over_adam'])} | "
+                f"{_mark(r.get('sophia_h_over_adam'), TARGETS['sophia_h_over_adam'])} | "
+                f"{_mark(r.get('sophia_h_5_over_adam'), TARGETS['sophia_h_5_over_adam'])} | "
                 f"{1e3 * s['sgd']:.0f} | "
                 f"{_mark(r.get('csn_paper_over_sgd'), TARGETS['csn_paper_over_sgd'])} | "
                 f"{_fmt(r.get('csn_paper_10_over_sgd'))} | "
@@ -447,6 +467,10 @@ def markdown(result: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["startup"]:
+            if "refused" in r:
+                reason = r["refused"].split(". ")[0].replace("|", "/")
+                lines.append(f"| {r['model']} | {r['optimizer']} | refused: {reason} | | | | |")
+                continue
             lines.append(
                 f"| {r['model']} | {r['optimizer']} | {r['first_step_s']:.1f} | "
                 f"{_mark(r.get('first_step_over_adam'), TARGETS['first_step_over_adam'])} | "

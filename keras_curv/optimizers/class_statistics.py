@@ -56,15 +56,42 @@ def class_gradient_path_of(model: keras.Model) -> str:
 
 
 def jacobian_class_gradients(
-    handles: Sequence[Any], per_class: tf.Tensor, gate: StepGate, num_classes: int
+    handles: Sequence[Any],
+    per_class: tf.Tensor,
+    gate: StepGate,
+    num_classes: int,
+    present: tf.Tensor | None = None,
 ) -> list[tf.Tensor]:
-    """``d per_class[k] / d theta`` for every k: C reverse passes, vectorised."""
-    seeds = gate.enter(tf.eye(num_classes, dtype=per_class.dtype))
+    """``d per_class[k] / d theta`` for every k: one reverse pass per class, vectorised.
+
+    Args:
+        handles: What the step's forward pass read, per variable.
+        per_class: ``(C,)``, the per-class sums.
+        gate: Gates the work (``update_each``).
+        num_classes: C.
+        present: Optional boolean ``(C,)``: the classes whose sums depend on the batch.
+            The other rows are exactly zero, so only the present rows are computed, at
+            most ``min(C, batch)`` reverse passes instead of C (not under XLA, whose
+            shapes must be static).
+
+    Returns:
+        Per variable, a ``(C, *shape)`` tensor.
+    """
 
     def one_row(unit):
         return flat.zeros_for_none(tf.gradients(per_class, handles, grad_ys=unit), handles)
 
-    return [gate.exit(j) for j in stacked_map(one_row, seeds)]
+    seeds = tf.eye(num_classes, dtype=per_class.dtype)
+    if present is None or under_xla():
+        return [gate.exit(j) for j in stacked_map(one_row, gate.enter(seeds))]
+    rows = gate.enter(tf.where(present))  # (K, 1)
+    jacobian = stacked_map(one_row, tf.gather_nd(seeds, rows))
+    shapes = [h.shape.as_list() for h in handles]
+    # With no class present pfor's zero rows can come back misshapen: reshape first.
+    return [
+        gate.exit(tf.scatter_nd(rows, tf.reshape(j, [-1, *shape]), [num_classes, *shape]))
+        for j, shape in zip(jacobian, shapes)
+    ]
 
 
 def partitioned_class_gradients(
@@ -197,7 +224,10 @@ def replica_statistics(
         )
     else:
         per_class = tf.reduce_sum(weighted * scores, axis=0) / safe_counts
-        class_grads = jacobian_class_gradients(handles, per_class, gate, num_classes)
+        present_here = tf.reduce_any(tf.not_equal(weighted, 0), axis=0)
+        class_grads = jacobian_class_gradients(
+            handles, per_class, gate, num_classes, present=present_here
+        )
     class_grads = yield class_grads
     # A class whose statistics are not finite (an overflow, a NaN sample) is treated as
     # absent from this batch: its EMAs and count stay as they are.
