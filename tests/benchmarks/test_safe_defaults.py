@@ -1,0 +1,28 @@
+"""``benchmarks.safe_defaults``: rows, the rise criterion and the table (a few seconds)."""
+
+import math
+
+from benchmarks import safe_defaults
+
+
+def test_rows_for_a_minibatch_and_a_full_batch_optimizer():
+    adam = safe_defaults.measure("adam", "mlp")
+    assert adam["batch_size"] == 32 and adam["finite"] and not adam["rises"]
+    assert adam["mean"] < adam["initial_training"]
+    lbfgs = safe_defaults.measure("lbfgs", "mlp")
+    assert lbfgs["batch_size"] == 512  # one step on the whole training set
+    assert math.isfinite(lbfgs["final_training"]) and not lbfgs["rises"]
+    assert lbfgs["final_training"] < lbfgs["initial_training"]
+    table = safe_defaults.markdown([adam, lbfgs])
+    assert table.splitlines()[0] == "| optimizer | mlp |"
+    assert f"| lbfgs | {lbfgs['initial_training']:.2f} → {lbfgs['final_training']:.2f} |" in table
+
+
+def test_a_rise_and_a_refusal_are_marked():
+    rows = [
+        {"optimizer": "x", "model": "m", "initial_training": 2.0, "mean": 2.5, "last": 2.6,
+         "final": 2.7, "final_training": 2.7, "rises": True, "finite": True},
+        {"optimizer": "y", "model": "m", "refused": "ValueError: no"},
+    ]  # fmt: skip
+    table = safe_defaults.markdown(rows)
+    assert "| x | 2.00 → 2.50 ✗ |" in table and "| y | refused |" in table
