@@ -261,10 +261,19 @@ def measure_steps(name: str, num_classes: int, keys, steps: int, repeats: int, l
 
 
 def child_startup(name: str, key: str) -> dict:
-    """In a fresh process: first-step latency, traces over a short last batch, peak memory."""
+    """In a fresh process: first-step latency, traces over a short last batch, peak memory.
+
+    The data are one ``tf.data`` pipeline, ``.batch(32)`` over ``2 * 32 + 5`` samples:
+    the first step is ``fit`` on its first batch, then two epochs of the whole (whose
+    last batch is short) count the train step's further traces. Its batch dimension is
+    ``None`` from the start, as for arrays that do not divide into whole batches; arrays
+    that do give Keras a static batch size, and a later ``fit`` on a different size
+    traces once more (a new input signature, for every optimizer alike).
+    """
     import resource
 
     import keras
+    import tensorflow as tf
 
     from keras_curv._internal import memory
 
@@ -284,15 +293,16 @@ def child_startup(name: str, key: str) -> dict:
 
     model.train_step = counted
     model.compile(optimizer=optimizer, loss=make_loss(name))
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     start = time.perf_counter()
     try:
-        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        model.fit(data.take(1), epochs=1, verbose=0)
     except (ValueError, TypeError, NotImplementedError, MemoryError) as error:
         # The optimizer's own refusal of this architecture, with the message users see.
         return {"model": name, "optimizer": key, "refused": f"{type(error).__name__}: {error}"}
     first = time.perf_counter() - start
     traces_first = len(traces)
-    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    model.fit(data, epochs=2, verbose=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     state = memory.state_bytes(1, optimizer.variables)
     return {
@@ -300,6 +310,7 @@ def child_startup(name: str, key: str) -> dict:
         "optimizer": key,
         "first_step_s": first,
         "retraces_over_short_batch": len(traces) - traces_first,
+        "first_step_traces": traces_first,
         "train_step_traces": len(traces),
         "peak_rss_above_model_mb": (peak - rss_built) / 2**20,
         "optimizer_state_mb": state / 2**20,
