@@ -441,7 +441,7 @@ def markdown(result: dict) -> str:
         + (f", {threads} TensorFlow thread(s) per pool" if threads else "")
         + "; load average "
         f"{result['load_average_start'][0]:.1f} at the start and "
-        f"{result['load_average_end'][0]:.1f} at the end (shared with other jobs). "
+        f"{result['load_average_end'][0]:.1f} at the end. "
         f"Took {result['seconds'] / 60:.0f} min. A ✗ marks a ratio above its target.",
         "",
     ]
