@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from keras_curv._internal import flat
+from keras_curv._internal.keras_privates import softmax_logits
 from keras_curv._internal.losses import replica_share
 from keras_curv._internal.model import recording_paused, stateless_outputs
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
@@ -70,6 +71,26 @@ class LayerTap:
 
 def _leaves(structure: Any) -> list[tf.Tensor]:
     return [tf.convert_to_tensor(t) for t in tf.nest.flatten(structure) if t is not None]
+
+
+def _split_point(output: tf.Tensor) -> tf.Tensor:
+    """Where the Gauss–Newton product splits the loss for one model output.
+
+    The pre-softmax logits when Keras cached them on a softmax output: Keras's
+    cross-entropies then read the logits, not the probabilities, so the loss does not
+    depend on the output tensor itself. Elsewhere the output.
+    """
+    logits = softmax_logits(output)
+    return output if logits is None else logits
+
+
+def _rejoin(output: tf.Tensor, fixed: tf.Tensor) -> tf.Tensor:
+    """The output rebuilt from its split point's value ``fixed`` (see :func:`_split_point`)."""
+    if softmax_logits(output) is None:
+        return fixed
+    probabilities = tf.nn.softmax(fixed, axis=-1)
+    probabilities._keras_logits = fixed  # read by Keras's cross-entropies, as on the output
+    return probabilities
 
 
 @dataclass
@@ -237,6 +258,10 @@ class TrainBatch:
     def gauss_newton_vector_product(self, tangents: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """``G v`` of ``loss``: the generalised Gauss–Newton matrix, split at ``y_pred``.
 
+        For a model ending in a softmax whose logits Keras cached (``_keras_logits``), the
+        split is at the logits: the loss reads them, and the cross-entropy's Hessian there,
+        ``diag(p) − ppᵀ``, is the usual Gauss–Newton (Fisher) matrix of a classifier.
+
         ```
         G v = Jᵀ (∇²_ŷ L) J v + ∇²_θ L_direct v
         ```
@@ -254,7 +279,7 @@ class TrainBatch:
             One tensor per variable, in float32 at least.
         """
         handles = self.handles()
-        outputs = self._output_leaves()
+        outputs = [_split_point(o) for o in self._output_leaves()]
         dummies = [tf.zeros_like(o) for o in outputs]
         transposed = tf.gradients(outputs, handles, grad_ys=dummies)
         pairs = [(t, v) for t, v in zip(transposed, tangents) if t is not None]
@@ -482,11 +507,13 @@ class TrainBatch:
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(values)
                 outputs, losses = self._forward_at(values)
-                leaves = _leaves(outputs)
+                leaves = [_split_point(o) for o in _leaves(outputs)]
                 fixed = [tf.stop_gradient(o) for o in leaves]
                 outer.watch(fixed)
                 inner.watch(fixed)
-                structure = tf.nest.pack_sequence_as(outputs, fixed)
+                structure = tf.nest.pack_sequence_as(
+                    outputs, [_rejoin(o, f) for o, f in zip(_leaves(outputs), fixed)]
+                )
                 loss = self._loss_given(values, structure, losses)
             output_gradients = inner.gradient(loss, fixed, unconnected_gradients=zero)
             direct = inner.gradient(loss, values)

@@ -180,3 +180,25 @@ def test_gauss_newton_at_through_a_recurrent_layer():
     rec = optimizer.records.numpy()
     np.testing.assert_allclose(rec[1], rec[0], rtol=1e-10, atol=1e-13)
     assert np.max(np.abs(rec[0])) > 1e-3
+
+
+def test_gauss_newton_of_a_softmax_output_splits_at_its_logits():
+    """Keras's cross-entropy on probabilities reads the softmax's cached logits, not the
+    output: G must be the logits model's (pinned to dense oracles in test_contract.py),
+    from the step's tensors and at other weights. It raised "loss does not depend on
+    y_pred" before (SketchySGD refused MobileNetV2)."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(9, 4)), rng.integers(0, 3, 9)
+    rows = {}
+    for name, activation, from_logits in (("logits", None, True), ("softmax", "softmax", False)):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(5, "tanh"), keras.layers.Dense(3, activation)]
+        )
+        optimizer = GaussNewtonRows(flat.flat_dim(model.trainable_variables))
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, dtype="float64")
+        model.compile(optimizer=optimizer, loss=loss)
+        model.fit(x, y, batch_size=9, epochs=1, verbose=0)
+        rows[name] = optimizer.records.numpy()
+    assert np.max(np.abs(rows["logits"][0])) > 1e-3
+    np.testing.assert_allclose(rows["softmax"], rows["logits"], rtol=1e-10, atol=1e-13)
