@@ -45,6 +45,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "architectures.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
 BATCH = 32
+# An optimizer's refusal of a model (its own clear errors), recorded as a result row.
+REFUSALS = (ValueError, TypeError, NotImplementedError, MemoryError)
 TARGETS = {
     "hvp_over_grad": 2.2,
     "adahessian_over_adam": 2.0,
@@ -295,8 +297,7 @@ def child_startup(name: str, key: str) -> dict:
     start = time.perf_counter()
     try:
         model.fit(data.take(1), epochs=1, verbose=0)
-    except (ValueError, TypeError, NotImplementedError, MemoryError) as error:
-        # The optimizer's own refusal of this architecture, with the message users see.
+    except REFUSALS as error:
         return {"model": name, "optimizer": key, "refused": f"{type(error).__name__}: {error}"}
     first = time.perf_counter() - start
     traces_first = len(traces)

@@ -58,14 +58,15 @@ def makers() -> dict:
 
 def measure(key: str, name: str) -> dict:
     """One (optimizer, model) row; a refusal is recorded with its message."""
-    from tests.architectures import LARGER, ZOO, first_epoch
+    from benchmarks.architectures import REFUSALS
+    from tests.architectures import entry, first_epoch
 
     start = time.perf_counter()
-    batch_size = len((ZOO.get(name) or LARGER[name])[1]()[1]) if key in FULL_BATCH else 32
+    batch_size = len(entry(name)[1]()[1]) if key in FULL_BATCH else 32
     row = {"optimizer": key, "model": name, "batch_size": batch_size}
     try:
         row.update(first_epoch(name, makers()[key](), batch_size=batch_size))
-    except (ValueError, TypeError, NotImplementedError, MemoryError) as error:
+    except REFUSALS as error:
         row["refused"] = f"{type(error).__name__}: {error}"
         return row
     if key in FULL_BATCH:

@@ -66,6 +66,11 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 _LOSSES = {"mobilenet_v2": keras.losses.SparseCategoricalCrossentropy()}
 
 
+def entry(name: str) -> tuple[Callable[[], keras.Model], Callable[[], tuple]]:
+    """``(build_model, data)`` of ``name``, from ``ZOO`` or ``LARGER``."""
+    return ZOO[name] if name in ZOO else LARGER[name]
+
+
 class _BatchLosses(keras.callbacks.Callback):
     """Each batch's training loss, recovered from the running means Keras logs."""
 
@@ -110,7 +115,7 @@ def first_epoch(
         ``max_weight_change``.
     """
     keras.utils.set_random_seed(seed)
-    build, data = ZOO[name] if name in ZOO else LARGER[name]
+    build, data = entry(name)
     loss = _LOSSES.get(name, LOSS)
     x, y = data()
     model = build()

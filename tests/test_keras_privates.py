@@ -92,6 +92,19 @@ def test_softmax_logits_are_kept_on_softmax_outputs():
     assert seen == [True]
 
 
+def test_cross_entropy_reads_the_logits_given_to_probabilities():
+    logits = tf.constant([[1.0, 2.0, 0.5]])
+    loss = keras.losses.SparseCategoricalCrossentropy()
+
+    @tf.function
+    def gradient(z):
+        tagged = kp.with_softmax_logits(tf.stop_gradient(tf.nn.softmax(z)), z)
+        return tf.gradients(loss(tf.constant([1]), tagged), z)[0]
+
+    expected = tf.nn.softmax(logits) - tf.one_hot([1], 3)
+    np.testing.assert_allclose(gradient(logits).numpy(), expected.numpy(), rtol=1e-6)
+
+
 def test_run_before_adds_a_control_input():
     @tf.function
     def graph(x):

@@ -81,6 +81,15 @@ def softmax_logits(outputs: Any) -> tf.Tensor | None:
     return getattr(outputs, "_keras_logits", None)
 
 
+def with_softmax_logits(probabilities: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """``probabilities`` carrying ``logits`` as a softmax output does (see :func:`softmax_logits`).
+
+    Keras's cross-entropies on probabilities then read ``logits``.
+    """
+    probabilities._keras_logits = logits
+    return probabilities
+
+
 def run_before(op: tf.Operation, guard: tf.Operation) -> bool:
     """Makes ``guard`` a control input of ``op`` (already built); False where unsupported.
 

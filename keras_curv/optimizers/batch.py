@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from keras_curv._internal import flat
-from keras_curv._internal.keras_privates import softmax_logits
+from keras_curv._internal.keras_privates import softmax_logits, with_softmax_logits
 from keras_curv._internal.losses import replica_share
 from keras_curv._internal.model import recording_paused, stateless_outputs
 from keras_curv._internal.numerics import curvature_dtype, exact_cast
@@ -88,9 +88,7 @@ def _rejoin(output: tf.Tensor, fixed: tf.Tensor) -> tf.Tensor:
     """The output rebuilt from its split point's value ``fixed`` (see :func:`_split_point`)."""
     if softmax_logits(output) is None:
         return fixed
-    probabilities = tf.nn.softmax(fixed, axis=-1)
-    probabilities._keras_logits = fixed  # read by Keras's cross-entropies, as on the output
-    return probabilities
+    return with_softmax_logits(tf.nn.softmax(fixed, axis=-1), fixed)
 
 
 @dataclass
