@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # Relative eigenvalue cut-off of the C x C pseudo-inverses (Gram and curvature matrices).
@@ -178,10 +179,43 @@ def exact_parts(
 def projected_newton_parts(
     gram: tf.Tensor, block: tf.Tensor, damping: tf.Tensor, projections: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """``"projected_newton"``: ``n = (K + δI)⁺ Vᵀ g`` with ``K = Vᵀ G V``, ``b = S⁺ Vᵀ g``."""
+    """``"projected_newton"``: ``n = (K + δS)⁺ Vᵀ g`` with ``K = Vᵀ G V``, ``b = S⁺ Vᵀ g``.
+
+    ``δS = δ VᵀV`` is the proximal term ``δ‖Vn‖²`` of the step ``Vn`` in parameter space,
+    so that with ``δ = 1/η`` the step along the class directions is never longer than
+    the SGD step ``η P_V g``, however correlated the directions (with ``δI`` instead, C
+    nearly equal directions would step up to C times further). Both are computed in the
+    orthonormal basis ``W = V Q Λ^{-1/2}`` of their span (``S = Q Λ Qᵀ``, eigenvalues
+    below :func:`span_cutoff` dropped), where ``WᵀGW + δI`` is well conditioned.
+    """
+    newton, projection = projected_newton_matrices(gram, block, damping)
+    return tf.linalg.matvec(newton, projections), tf.linalg.matvec(projection, projections)
+
+
+def projected_newton_matrices(
+    gram: tf.Tensor, block: tf.Tensor, damping: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``((K + δS)⁺, S⁺)`` on the span of the directions (C x C): ``n = (K + δS)⁺ Vᵀg``."""
+    gram = 0.5 * (gram + tf.transpose(gram))
+    values, vectors = tf.linalg.eigh(gram)
+    keep = values > span_cutoff(values)
+    basis = vectors * tf.where(keep, tf.math.rsqrt(tf.where(keep, values, 1.0)), 0.0)[None, :]
     eye = tf.eye(tf.shape(block)[0], dtype=block.dtype)
-    newton = sym_pinv(block + tf.cast(damping, block.dtype) * eye)
-    return tf.linalg.matvec(newton, projections), tf.linalg.matvec(sym_pinv(gram), projections)
+    inner = tf.matmul(basis, tf.matmul(block, basis), transpose_a=True)
+    inner = inner + tf.cast(damping, block.dtype) * eye
+    newton = tf.matmul(basis, tf.matmul(sym_pinv(inner), basis, transpose_b=True))
+    return newton, tf.matmul(basis, basis, transpose_b=True)
+
+
+def span_cutoff(gram_eigenvalues: tf.Tensor) -> tf.Tensor:
+    """Gram eigenvalues at most this are rounding noise: ``C · 10 ε · λ_max``."""
+    dtype = gram_eigenvalues.dtype
+    size = tf.cast(tf.size(gram_eigenvalues), dtype)
+    return (
+        size
+        * tf.constant(10.0 * np.finfo(dtype.as_numpy_dtype).eps, dtype)
+        * tf.reduce_max(tf.abs(gram_eigenvalues))
+    )
 
 
 def coefficients(parts: tuple[tf.Tensor, tf.Tensor], learning_rate: tf.Tensor) -> tf.Tensor:

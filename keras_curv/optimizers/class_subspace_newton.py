@@ -74,7 +74,7 @@ class ClassSubspaceNewton(CurvatureOptimizer):
             directions; ``None``: ``"projected_newton"`` (the variant that trains),
             resp. ``"gauss_newton"``.
         inverse: ``"diagonal"`` (eq. 13–15) or ``"exact"``.
-        damping: δ ≥ 0 added to each λ_k (to the block for ``"projected_newton"``), or
+        damping: δ ≥ 0 added to each λ_k (δ VᵀV to the block for ``"projected_newton"``), or
             ``None``: 1/η for ``"projected_newton"`` and eigen directions, else 0.
         max_inverse_curvature: Optional positive cap on 1/λ_k.
         update_each: Refresh the statistics every this many steps (int ≥ 1).
@@ -594,9 +594,8 @@ class ClassSubspaceNewton(CurvatureOptimizer):
             core = tf.linalg.diag(curvature)
         elif self.curvature == "projected_newton":
             block = tf.cast(tf.convert_to_tensor(self._subspace_curvature), rows.dtype)
-            eye = tf.eye(self.num_classes, dtype=rows.dtype)
-            inverse = csm.sym_pinv(block + damping * eye) - lr * csm.sym_pinv(gram)
-            pinv = csm.sym_pinv(gram)
+            newton, pinv = csm.projected_newton_matrices(gram, block, damping)
+            inverse = newton - lr * pinv
             core = tf.matmul(tf.matmul(pinv, block), pinv)  # Vᵀ (V core Vᵀ) V = block
         else:
             effective = csm.effective_curvature(curvature, damping, self.max_inverse_curvature)

@@ -73,17 +73,58 @@ def test_coefficients_against_dense_linear_algebra():
     projector = np.eye(7) - V.T @ np.linalg.pinv(V @ V.T) @ V
     expected = lr * projector @ g + np.linalg.pinv(V.T @ np.diag(lam) @ V) @ g
     np.testing.assert_allclose(lr * g + V.T @ exact.numpy(), expected, rtol=1e-9, atol=1e-12)
-    # projected_newton: Newton on the C x C block K, damped.
+    # projected_newton: Newton on the C x C block K, damped by 0.3 in parameter space.
     K = rng.normal(size=(3, 3))
     K = K @ K.T
     projected = csm.coefficients(
         csm.projected_newton_parts(gram, tf.constant(K), tf.constant(0.3, tf.float64), projections),
         tf.constant(lr, tf.float64),
     )
-    newton = V.T @ np.linalg.inv(K + 0.3 * np.eye(3)) @ V @ g
+    newton = V.T @ np.linalg.inv(K + 0.3 * V @ V.T) @ V @ g
     np.testing.assert_allclose(
         lr * g + V.T @ projected.numpy(), lr * projector @ g + newton, rtol=1e-9, atol=1e-12
     )
+
+
+def _projected_newton_step(V, g, K, damping, lr):
+    """The whole step ``lr g + V a`` of ``"projected_newton"`` (rows of V: unit directions)."""
+    parts = csm.projected_newton_parts(
+        tf.constant(V @ V.T), tf.constant(K), tf.constant(damping, V.dtype), tf.constant(V @ g)
+    )
+    return lr * g + V.T @ csm.coefficients(parts, tf.constant(lr, V.dtype)).numpy()
+
+
+def test_projected_newton_is_the_proximal_step_in_parameter_space():
+    """It minimises gᵀd + ½ dᵀ(G + δI)d over d in span(V) (+ the SGD part outside), the
+    dense oracle: Newton on G + δI restricted to the span, with G = V⁺ᵀ K V⁺."""
+    rng = np.random.default_rng(2)
+    V = rng.normal(size=(4, 9))
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    g = rng.normal(size=9)
+    A = rng.normal(size=(4, 4))
+    K = A @ A.T
+    basis, _ = np.linalg.qr(V.T)  # orthonormal columns spanning the directions
+    inverse = np.linalg.inv(basis.T @ V.T)  # V = basis R: K = Rᵀ (basisᵀ G basis) R
+    curvature = inverse.T @ K @ inverse  # G on the span, in the orthonormal basis
+    inside = basis @ np.linalg.solve(curvature + 0.5 * np.eye(4), basis.T @ g)
+    outside = 0.1 * (g - basis @ (basis.T @ g))
+    np.testing.assert_allclose(
+        _projected_newton_step(V, g, K, 0.5, 0.1), outside + inside, rtol=1e-9, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_projected_newton_with_equal_directions_is_no_longer_than_sgd(dtype):
+    """Ten nearly equal class directions (a BatchNorm network at initialisation) and no
+    curvature: with δ = 1/η the step is the SGD step, not ten times it."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=50)
+    V = base + 1e-4 * rng.normal(size=(10, 50))
+    V = (V / np.linalg.norm(V, axis=1, keepdims=True)).astype(dtype)
+    g = rng.normal(size=50).astype(dtype)
+    step = _projected_newton_step(V, g, np.zeros((10, 10), dtype), 1 / 0.1, 0.1)
+    assert np.all(np.isfinite(step))
+    np.testing.assert_allclose(np.linalg.norm(step), 0.1 * np.linalg.norm(g), rtol=1e-3)
 
 
 def test_subspace_step_and_effective_curvature():

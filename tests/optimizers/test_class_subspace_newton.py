@@ -125,7 +125,7 @@ def numpy_csn(
             lam_eff = np.maximum(lam_eff, 1 / max_inv)
         if curvature == "projected_newton":
             P = np.eye(dim) - V.T @ np.linalg.pinv(V @ V.T) @ V
-            newton = V.T @ np.linalg.pinv(block + damping * np.eye(C)) @ V @ g
+            newton = V.T @ np.linalg.pinv(block + damping * V @ V.T) @ V @ g
             d = lr * P @ g + newton
         elif inverse == "exact":
             M = V.T @ np.diag(lam_eff) @ V
