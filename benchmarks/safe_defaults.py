@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.safe_defaults [--models mlp,cnn,...] [--optimizers adam,kfac,...]
+        [--seeds 0,1,2]
 
 For each (optimizer, model) of ``tests/architectures.py`` (``ZOO``: digits MLP/CNN,
 BatchNorm CNN, Transformer, LSTM, two-input Functional; ``LARGER``: MobileNetV2 and the
@@ -12,7 +13,9 @@ intended use), on the ``ZOO`` only unless asked: a full-batch step of MobileNetV
 1,438 images is a workload they are not meant for. A row *rises* when the epoch's mean
 or last-quarter training loss is not below the training-mode loss before it (the
 full-batch solvers: when the training-mode loss after the step is not below the one
-before). Keras's ``Adam()`` is the reference.
+before). Keras's ``Adam()`` is the reference. With several ``--seeds`` (model
+initialisation and shuffling; the probes' seeds stay fixed) a cell averages its seeds and
+rises when the averages do; it also counts the seeds whose own run rose.
 
 Writes ``benchmarks/results/safe_defaults.json``; ``--from-json`` prints the table.
 """
@@ -56,36 +59,57 @@ def makers() -> dict:
     }
 
 
-def measure(key: str, name: str) -> dict:
-    """One (optimizer, model) row; a refusal is recorded with its message."""
+def measure(key: str, name: str, seed: int = 0) -> dict:
+    """One (optimizer, model, seed) row; a refusal is recorded with its message."""
     from benchmarks.architectures import REFUSALS
     from tests.architectures import entry, first_epoch
 
     start = time.perf_counter()
     batch_size = len(entry(name)[1]()[1]) if key in FULL_BATCH else 32
-    row = {"optimizer": key, "model": name, "batch_size": batch_size}
+    row = {"optimizer": key, "model": name, "batch_size": batch_size, "seed": seed}
     try:
-        row.update(first_epoch(name, makers()[key](), batch_size=batch_size))
+        row.update(first_epoch(name, makers()[key](), batch_size=batch_size, seed=seed))
     except REFUSALS as error:
         row["refused"] = f"{type(error).__name__}: {error}"
         return row
-    if key in FULL_BATCH:
-        # One step, whose loss Keras reports from before the update: compare the
-        # training-mode loss after it, measured like the one before.
-        row["rises"] = not row["final_training"] < row["initial_training"]
-    else:
-        row["rises"] = not max(row["mean"], row["last"]) < row["initial_training"]
+    row["rises"] = rises(key, row)
     row["finite"] = all(math.isfinite(row[k]) for k in ("mean", "last", "final", "final_training"))
     row["seconds"] = time.perf_counter() - start
     return row
 
 
+def rises(key: str, row: dict) -> bool:
+    """Whether a run (or a cell's seed averages) did not bring the loss below the start."""
+    if key in FULL_BATCH:
+        # One step, whose loss Keras reports from before the update: compare the
+        # training-mode loss after it, measured like the one before.
+        return not row["final_training"] < row["initial_training"]
+    return not max(row["mean"], row["last"]) < row["initial_training"]
+
+
+def cell(runs: list[dict]) -> dict:
+    """One (optimizer, model) cell from its runs: the seed averages, or the refusal."""
+    if any("refused" in r for r in runs):
+        return next(r for r in runs if "refused" in r)
+    keys = ("initial_training", "mean", "last", "final", "final_training")
+    merged = dict(runs[0], **{k: float(sum(r[k] for r in runs) / len(runs)) for k in keys})
+    merged["rises"] = rises(merged["optimizer"], merged)
+    merged["finite"] = all(r["finite"] for r in runs)
+    merged["risen_seeds"] = sum(bool(r["rises"]) for r in runs)
+    merged["seeds"] = len(runs)
+    return merged
+
+
 def markdown(rows: list[dict]) -> str:
     """Optimizers by models: training-mode loss before → the epoch's mean (full batch:
-    after the step) per cell, a ✗ where it rose."""
+    after the step) per cell, a ✗ where it rose; with several seeds, their averages and
+    the number of seeds that rose."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     optimizers = list(dict.fromkeys(r["optimizer"] for r in rows))
-    cells = {(r["optimizer"], r["model"]): r for r in rows}
+    runs: dict[tuple, list] = {}
+    for r in rows:
+        runs.setdefault((r["optimizer"], r["model"]), []).append(r)
+    cells = {k: cell(v) for k, v in runs.items()}
     lines = [
         "| optimizer | " + " | ".join(models) + " |",
         "| --- " * (len(models) + 1) + "|",
@@ -101,7 +125,8 @@ def markdown(rows: list[dict]) -> str:
             else:
                 after = r["final_training"] if key in FULL_BATCH else r["mean"]
                 mark = " ✗" if r["rises"] or not r["finite"] else ""
-                row.append(f"{r['initial_training']:.2f} → {after:.2f}{mark}")
+                counted = f" ({r['risen_seeds']}/{r['seeds']} rose)" if r["seeds"] > 1 else ""
+                row.append(f"{r['initial_training']:.2f} → {after:.2f}{mark}{counted}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -112,6 +137,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join([*ZOO, *LARGER]))
     parser.add_argument("--optimizers", default=",".join(makers()))
+    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--from-json", action="store_true")
     args = parser.parse_args(argv)
@@ -124,11 +150,12 @@ def main(argv=None) -> list[dict]:
             for key in args.optimizers.split(","):
                 if key in FULL_BATCH and name in LARGER and not asked:
                     continue
-                row = measure(key, name)
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "refused"}), flush=True)
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                args.output.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    row = measure(key, name, seed)
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "refused"}), flush=True)
+                    args.output.parent.mkdir(parents=True, exist_ok=True)
+                    args.output.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print(markdown(rows))
     return rows
 

@@ -1,8 +1,9 @@
 """Sophia (Liu et al., 2023): momentum clipped by a diagonal Hessian estimate.
 
-The math is in the pure functions :func:`sophia_moments`, :func:`sophia_direction` and
-:func:`clipped_fraction`; the estimates ``ĥ`` come from ``_hutchinson.py`` (Sophia-H) and
-``_sampled_labels.py`` (Sophia-G); :class:`Sophia` is the Keras shell around them.
+The math is in the pure functions :func:`sophia_moments`, :func:`debiased_hessian`,
+:func:`sophia_direction` and :func:`clipped_fraction`; the estimates ``ĥ`` come from
+``_hutchinson.py`` (Sophia-H) and ``_sampled_labels.py`` (Sophia-G); :class:`Sophia` is
+the Keras shell around them.
 ``docs/sophia.md`` explains the parametrisation and the defaults.
 """
 
@@ -63,6 +64,23 @@ def sophia_moments(
     return new_m, ops.where(updated, refreshed, h)
 
 
+def debiased_hessian(h: Any, count: Any, beta_2: float) -> Any:
+    """``h / (1 − β2^n)`` for ``n ≥ 1`` absorbed estimates; ``h`` itself (zero) for ``n = 0``.
+
+    An EMA that starts at 0 is ``(1 − β2^n)`` times the weighted mean of the ``n``
+    estimates it absorbed; the division (Adam's bias correction of its second moment)
+    gives that mean, so the first estimate counts in full instead of by ``1 − β2``.
+
+    Args:
+        h: The moving average of the estimates.
+        count: ``n``, an integer scalar.
+        beta_2: Decay of ``h``.
+    """
+    dtype = h.dtype
+    count = ops.maximum(ops.cast(count, dtype), 1)
+    return h / (1 - ops.power(exact_cast(beta_2, dtype), count))
+
+
 def _ratio(m: Any, h: Any, rho: float, epsilon: float) -> Any:
     """``|m| / (ρ·max(h, 0) + ε)``: a negative curvature estimate gives a clipped step."""
     dtype = m.dtype
@@ -103,7 +121,7 @@ def clipped_fraction(
 class Sophia(CurvatureOptimizer):
     r"""Sophia: momentum clipped coordinate-wise by a diagonal Hessian estimate.
 
-    At every step (the authors' rule; ``h`` starts at 0):
+    At every step (the authors' rule; ``m`` and ``h`` start at 0):
 
     ```
     θ ← θ (1 − lr·wd)
@@ -117,7 +135,13 @@ class Sophia(CurvatureOptimizer):
     labels sampled from the model (``"gauss_newton_bartlett"``, Sophia-G: the official
     ``B·ĝ⊙ĝ``, batch-size factor included, so ``ρ`` is the official one). ``h``
     estimates the diagonal of the Hessian (resp. Gauss–Newton matrix) of the compiled
-    batch-mean loss. Other steps leave ``h`` as it is. :attr:`clip_fraction` (in
+    batch-mean loss. Other steps leave ``h`` as it is.
+
+    With ``bias_correction=True`` the estimates start at ``t = 0`` and the step divides
+    by ``h / (1 − β2^n)`` after ``n`` of them (Adam's correction of its second moment)
+    instead of ``h``: the first steps are not all full sign steps ``lr·sign(m)`` while
+    ``h`` grows from 0. Not the default: it helped Sophia-H on a MobileNetV2 at
+    initialisation but not Sophia-G (``docs/sophia.md``). :attr:`clip_fraction` (in
     :meth:`curvature_summary`; ``OptimizerLogs`` puts it in the logs) is the fraction
     of clipped coordinates at the last step. See ``docs/sophia.md`` (the
     parametrisations of the official code, optax and levanter, defaults, cost).
@@ -133,6 +157,8 @@ class Sophia(CurvatureOptimizer):
         estimator: ``"hutchinson"`` (any loss) or ``"gauss_newton_bartlett"`` (softmax
             or sigmoid cross-entropy, mean squared error).
         epsilon: ``ε > 0``.
+        bias_correction: ``False`` (default): the authors' rule; ``True``: estimate
+            from the first step and divide ``h`` by ``1 − β2^n``.
         seed: Seed of the probes / sampled labels, or ``None`` (drawn when built;
             follows ``keras.utils.set_random_seed``).
         name: Name of the optimizer.
@@ -154,6 +180,7 @@ class Sophia(CurvatureOptimizer):
         update_every: int = 10,
         estimator: str = "hutchinson",
         epsilon: float = 1e-12,
+        bias_correction: bool = False,
         seed: int | None = None,
         name: str = "sophia",
         **kwargs: Any,
@@ -168,6 +195,7 @@ class Sophia(CurvatureOptimizer):
         self.update_every = validation.integer(update_every, "update_every", minimum=1)
         self.estimator = validation.choice(estimator, "estimator", ESTIMATORS)
         self.epsilon = validation.positive(epsilon, "epsilon")
+        self.bias_correction = validation.boolean(bias_correction, "bias_correction")
         self.seed = validation.seed(seed)
 
     def build(self, var_list: list) -> None:
@@ -205,10 +233,10 @@ class Sophia(CurvatureOptimizer):
     def step_statistics(self, batch: TrainBatch) -> StepStatistics:
         """``ĥ`` per variable (replica-reduced) and whether this step absorbs it."""
         with batch.step_graph():
-            # The authors' schedule: the first estimate after k steps.
-            is_estimate_step, gate = refresh_gate(
-                self.iterations, self.update_every, start=self.update_every
-            )
+            # The authors' schedule starts after k steps; the corrected h needs an
+            # estimate from the first step on.
+            start = 0 if self.bias_correction else self.update_every
+            is_estimate_step, gate = refresh_gate(self.iterations, self.update_every, start=start)
             seed = gate.enter(next_seed(self._seed_generator, batch))
             if self.estimator == "hutchinson":
                 estimate = self._hutchinson(batch, seed, gate)
@@ -283,6 +311,9 @@ class Sophia(CurvatureOptimizer):
         )
         self.assign(m, new_m)
         self.assign(h, new_h)
+        if self.bias_correction:
+            count = self._hessian_updates + ops.cast(statistics["updated"], "int64")
+            new_h = debiased_hessian(new_h, count, self.beta_2)
         direction = sophia_direction(new_m, new_h, self.rho, self.epsilon)
         self.assign_sub(variable, ops.cast(learning_rate, variable.dtype) * direction)
 
@@ -293,9 +324,17 @@ class Sophia(CurvatureOptimizer):
 
     @property
     def hessian_diagonal_ema(self) -> list:
-        """The moving averages ``h``, one per trainable variable."""
+        """The moving averages ``h``, one per trainable variable (not bias-corrected)."""
         self._check_built()
         return list(self._hessians)
+
+    def _used_hessians(self) -> list[tf.Tensor]:
+        """The ``h`` the last step divided by: bias-corrected with ``bias_correction``."""
+        hessians = [tf.convert_to_tensor(h) for h in self._hessians]
+        if not self.bias_correction:
+            return hessians
+        count = tf.convert_to_tensor(self._hessian_updates)
+        return [debiased_hessian(h, count, self.beta_2) for h in hessians]
 
     @property
     def hessian_updates(self) -> tf.Variable:
@@ -312,18 +351,19 @@ class Sophia(CurvatureOptimizer):
         """
         self._check_built()
         momentums = [tf.convert_to_tensor(m) for m in self._momentums]
-        hessians = [tf.convert_to_tensor(h) for h in self._hessians]
-        return clipped_fraction(momentums, hessians, self.rho, self.epsilon)
+        return clipped_fraction(momentums, self._used_hessians(), self.rho, self.epsilon)
 
     def _flat_hessian(self) -> tf.Tensor | None:
-        """``h`` over all variables, flat; ``None`` before the first estimate."""
+        """The ``h`` of the step over all variables, flat; ``None`` before the first estimate."""
         self._check_built()
         if int(np.asarray(tf.convert_to_tensor(self._hessian_updates))) == 0:
             return None
-        return flat.flatten([tf.convert_to_tensor(h) for h in self._hessians])
+        return flat.flatten(self._used_hessians())
 
     def curvature_model(self) -> DiagonalOperator | None:
-        """``diag(h)``: the estimate of the Hessian (Gauss–Newton) diagonal (protocol).
+        """``diag(h)`` (bias-corrected if asked): the Hessian (Gauss–Newton) diagonal estimate.
+
+        The optimizer protocol's curvature model.
 
         Flat layout of the optimizer's variables; ``None`` before the first estimate.
         """
@@ -352,12 +392,12 @@ class Sophia(CurvatureOptimizer):
 
         Returns:
             ``clip_fraction`` and ``win_rate`` (its complement, the authors' tuning
-            signal, ideally 0.1–0.5), ``hessian_diagonal_mean`` (mean of ``h`` over all
-            coordinates), ``hessian_updates`` and ``skipped_steps``.
+            signal, ideally 0.1–0.5), ``hessian_diagonal_mean`` (the mean of the
+            ``h`` the step divides by), ``hessian_updates`` and ``skipped_steps``.
         """
         self._check_built()
         clipped = self.clip_fraction
-        hessians = [tf.cast(h, tf.float32) for h in self._hessians]
+        hessians = [tf.cast(h, tf.float32) for h in self._used_hessians()]
         size = sum(int(np.prod(h.shape)) for h in hessians)
         mean = tf.add_n([tf.reduce_sum(h) for h in hessians]) / float(max(size, 1))
         return {
@@ -378,6 +418,7 @@ class Sophia(CurvatureOptimizer):
                 "update_every": self.update_every,
                 "estimator": self.estimator,
                 "epsilon": self.epsilon,
+                "bias_correction": self.bias_correction,
                 "seed": self.seed,
             }
         )

@@ -26,3 +26,17 @@ def test_a_rise_and_a_refusal_are_marked():
     ]  # fmt: skip
     table = safe_defaults.markdown(rows)
     assert "| x | 2.00 → 2.50 ✗ |" in table and "| y | refused |" in table
+
+
+def test_seeds_are_averaged_into_one_cell_and_counted():
+    base = {"optimizer": "x", "model": "m", "finite": True}
+    rows = [
+        dict(base, seed=0, initial_training=2.0, mean=2.1, last=1.9, final=1.8,
+             final_training=1.8, rises=True),
+        dict(base, seed=1, initial_training=2.2, mean=1.9, last=1.8, final=1.7,
+             final_training=1.7, rises=False),
+    ]  # fmt: skip
+    merged = safe_defaults.cell(rows)
+    assert merged["mean"] == 2.0 and merged["initial_training"] == 2.1
+    assert not merged["rises"] and (merged["risen_seeds"], merged["seeds"]) == (1, 2)
+    assert "| x | 2.10 → 2.00 (1/2 rose) |" in safe_defaults.markdown(rows)

@@ -31,22 +31,29 @@ def _augmented(x):
     return np.concatenate([x, np.ones((len(x), 1))], axis=1)
 
 
-def _numpy_sophia(theta, batches, gradient, estimate, *, lr, b1, b2, rho, eps, wd, k, bs=1.0):
-    """The authors' rule (NOTES.md), the weights as one (d+1, o) matrix [W; b].
+def _numpy_sophia(
+    theta, batches, gradient, estimate, *, lr, b1, b2, rho, eps, wd, k, bs=1.0, corrected=False
+):
+    """The rule, the weights as one (d+1, o) matrix [W; b].
 
-    ``estimate(theta, batch, t)`` is the curvature estimate in the same shape; ``bs``
-    the batch-size factor of the official SophiaG denominator ``ρ·bs·h + ε``.
+    ``corrected=False`` is the authors' rule (NOTES.md) and the default: ``h`` used as it
+    is, first estimate at step ``k``; ``True`` is ``bias_correction=True``: estimates from
+    step 0, and ``h / (1 − β2^n)`` after ``n`` of them. ``estimate(theta, batch, t)`` is the
+    curvature estimate in the same shape; ``bs`` the batch-size factor of the official
+    SophiaG denominator ``ρ·bs·h + ε``.
     """
     m = np.zeros_like(theta)
     h = np.zeros_like(theta)
-    clipped = None
+    clipped, n = None, 0
     for t, batch in enumerate(batches):
         g = gradient(theta, batch)
-        if t >= k and t % k == 0:
+        if t % k == 0 and (corrected or t >= k):
             h = b2 * h + (1 - b2) * estimate(theta, batch, t)
+            n += 1
         theta = theta * (1 - lr * wd)
         m = b1 * m + (1 - b1) * g
-        ratio = np.abs(m) / (rho * bs * np.maximum(h, 0) + eps)
+        used = h / (1 - b2**n) if corrected and n else h
+        ratio = np.abs(m) / (rho * bs * np.maximum(used, 0) + eps)
         theta = theta - lr * np.sign(m) * np.minimum(ratio, 1)
         clipped = float(np.mean(ratio >= 1))
     return theta, clipped
@@ -67,13 +74,14 @@ def _fit(model, optimizer, x, y, batch_size, epochs, sample_weight=None, loss="m
     return np.concatenate([kernel, bias[None]], axis=0)
 
 
-def test_sophia_h_golden_values_through_fit():
+@pytest.mark.parametrize("corrected", [True, False], ids=["corrected", "authors"])
+def test_sophia_h_golden_values_through_fit(corrected):
     """Least squares with a dense Hessian; the probes are redrawn from the seed."""
     rng = np.random.default_rng(0)
     n, d, o, batch, epochs = 24, 3, 2, 6, 3
     x = rng.normal(size=(n, d)) * [1.0, 2.0, 0.5]
     y = rng.normal(size=(n, o))
-    settings = dict(lr=0.05, b1=0.9, b2=0.5, rho=0.3, eps=1e-12, wd=WD, k=2)
+    settings = dict(lr=0.05, b1=0.9, b2=0.5, rho=0.3, eps=1e-12, wd=WD, k=2, corrected=corrected)
 
     def gradient(theta, batch):
         xa, yb = batch
@@ -92,7 +100,7 @@ def test_sophia_h_golden_values_through_fit():
         theta0 = np.concatenate([kernel, bias[None]], axis=0)
         optimizer = Sophia(
             settings["lr"], beta_1=0.9, beta_2=0.5, rho=0.3, weight_decay=WD,
-            update_every=2, seed=7,
+            update_every=2, bias_correction=corrected, seed=7,
         )  # fmt: skip
         got = _fit(model, optimizer, x, y, batch, epochs)
     batches = [(_augmented(x[i : i + batch]), y[i : i + batch]) for i in range(0, n, batch)]
@@ -100,18 +108,21 @@ def test_sophia_h_golden_values_through_fit():
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
     assert 0.0 < clipped < 1.0  # both regimes of the rule are exercised
     assert float(optimizer.clip_fraction) == pytest.approx(clipped)
-    assert int(optimizer.hessian_updates) == len(range(2, 4 * epochs, 2))
+    assert int(optimizer.hessian_updates) == len(range(0 if corrected else 2, 4 * epochs, 2))
 
 
+@pytest.mark.parametrize("corrected", [True, False], ids=["corrected", "authors"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["official", "weighted"])
-def test_sophia_g_golden_values_through_fit(weighted):
+def test_sophia_g_golden_values_through_fit(weighted, corrected):
     """Softmax regression; labels redrawn from the seed, the official ``ρ·bs·h`` form."""
     rng = np.random.default_rng(1)
     n, d, c, batch, epochs = 24, 3, 3, 8, 3
     x = rng.normal(size=(n, d))
     y = rng.integers(0, c, n)
     w = rng.uniform(0.2, 2.0, n) if weighted else np.ones(n)
-    settings = dict(lr=0.02, b1=0.8, b2=0.7, rho=0.5, eps=1e-12, wd=WD, k=2, bs=batch)
+    settings = dict(
+        lr=0.02, b1=0.8, b2=0.7, rho=0.5, eps=1e-12, wd=WD, k=2, bs=batch, corrected=corrected
+    )
 
     def softmax(z):
         e = np.exp(z - z.max(1, keepdims=True))
@@ -140,7 +151,8 @@ def test_sophia_g_golden_values_through_fit(weighted):
         theta0 = np.concatenate([kernel, bias[None]], axis=0)
         optimizer = Sophia(
             settings["lr"], beta_1=0.8, beta_2=0.7, rho=0.5, weight_decay=WD,
-            update_every=2, estimator="gauss_newton_bartlett", seed=11,
+            update_every=2, estimator="gauss_newton_bartlett", bias_correction=corrected,
+            seed=11,
         )  # fmt: skip
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # float64 now
         got = _fit(model, optimizer, x, y, batch, epochs, w if weighted else None, loss)
@@ -173,20 +185,24 @@ def _classification(n=16, seed=1):
     return rng.normal(size=(n, 3)), rng.integers(0, 3, n), rng.uniform(0.2, 2.0, n)
 
 
+@pytest.mark.parametrize("corrected", [True, False], ids=["corrected", "authors"])
 @pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
-def test_estimates_every_k_steps_and_nothing_stale_is_reabsorbed(estimator):
+def test_estimates_every_k_steps_and_nothing_stale_is_reabsorbed(estimator, corrected):
     x, y, _ = _classification()
     model = _mlp64()
-    opt = Sophia(0.01, update_every=3, estimator=estimator, seed=0)
+    opt = Sophia(0.01, update_every=3, estimator=estimator, bias_correction=corrected, seed=0)
     model.compile(optimizer=opt, loss=LOGITS_CE)
     counts, states = [], []
     for _ in range(8):
         model.train_on_batch(x, y)
         counts.append(int(opt.hessian_updates))
         states.append(np.concatenate([h.numpy().ravel() for h in opt.hessian_diagonal_ema]))
-    # The authors' schedule: the first estimate after k steps, then every k.
-    assert counts == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert not states[0].any()
+    if corrected:  # bias_correction=True: the first estimate at the first step, then every k
+        assert counts == [1, 1, 1, 2, 2, 2, 3, 3]
+        assert states[0].any()
+    else:  # the authors' schedule: the first estimate after k steps, then every k
+        assert counts == [0, 0, 0, 1, 1, 1, 2, 2]
+        assert not states[0].any()
     for step in range(1, 8):
         assert (not np.array_equal(states[step], states[step - 1])) == (step % 3 == 0), step
 
@@ -353,7 +369,8 @@ def _resume_exactly(estimator, tmp_path):
 def test_config_round_trip():
     opt = Sophia(
         2e-3, beta_1=0.9, beta_2=0.95, rho=0.1, weight_decay=0.2, update_every=5,
-        estimator="gauss_newton_bartlett", epsilon=1e-10, seed=3, clipnorm=1.0,
+        estimator="gauss_newton_bartlett", epsilon=1e-10, bias_correction=True, seed=3,
+        clipnorm=1.0,
     )  # fmt: skip
     again = Sophia.from_config(opt.get_config())
     assert again.get_config() == opt.get_config()
@@ -362,6 +379,7 @@ def test_config_round_trip():
     defaults = Sophia().get_config()
     assert (defaults["beta_1"], defaults["beta_2"], defaults["rho"]) == (0.965, 0.99, 0.04)
     assert (defaults["weight_decay"], defaults["update_every"]) == (0.1, 10)
+    assert defaults["bias_correction"] is False and again.bias_correction is True
 
 
 @pytest.mark.parametrize(
@@ -377,6 +395,7 @@ def test_config_round_trip():
         ({"update_every": True}, "update_every"),
         ({"estimator": "fisher"}, "estimator"),
         ({"seed": 1.5}, "seed"),
+        ({"bias_correction": 1}, "bias_correction"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
     ],
 )
@@ -399,15 +418,16 @@ def test_curvature_summary_is_read_by_the_callbacks():
 
     x, y, _ = _classification()
     model = _mlp64()
-    opt = Sophia(0.05, update_every=2, seed=2)
+    opt = Sophia(0.05, update_every=2, bias_correction=True, seed=2)
     model.compile(optimizer=opt, loss=LOGITS_CE)
-    model.fit(x, y, batch_size=4, epochs=2, verbose=0)  # 8 steps, estimates at 2, 4, 6
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)  # 8 steps, estimates at 0, 2, 4, 6
     summary = {k: float(v) for k, v in opt.curvature_summary().items()}
-    assert summary["hessian_updates"] == 3.0 and summary["skipped_steps"] == 0.0
+    assert summary["hessian_updates"] == 4.0 and summary["skipped_steps"] == 0.0
     assert 0.0 <= summary["clip_fraction"] <= 1.0
     assert summary["win_rate"] == pytest.approx(1.0 - summary["clip_fraction"])
     h = np.concatenate([v.numpy().ravel() for v in opt.hessian_diagonal_ema])
-    assert summary["hessian_diagonal_mean"] == pytest.approx(h.mean(), rel=1e-6)
+    # The mean of the bias-corrected h, the one the step divides by.
+    assert summary["hessian_diagonal_mean"] == pytest.approx(h.mean() / (1 - 0.99**4), rel=1e-6)
     scalars, _ = optimizer_summary(model)
     assert scalars["optimizer/clip_fraction"] == pytest.approx(summary["clip_fraction"])
 
@@ -423,25 +443,29 @@ def test_curvature_step_in_a_hand_written_loop():
     assert int(opt.hessian_updates) == 9
 
 
+@pytest.mark.parametrize("corrected", [True, False], ids=["corrected", "authors"])
 @pytest.mark.parametrize("estimator", ["hutchinson", "gauss_newton_bartlett"])
-def test_protocol_operators_reproduce_the_unclipped_step(estimator):
+def test_protocol_operators_reproduce_the_unclipped_step(estimator, corrected):
     x, y, _ = _classification()
     model = _mlp64()
-    opt = Sophia(0.05, rho=5.0, update_every=2, estimator=estimator, seed=3)
+    rho = 0.5 if corrected else 5.0  # the full h clips more: both regimes either way
+    opt = Sophia(
+        0.05, rho=rho, update_every=2, estimator=estimator, bias_correction=corrected, seed=3
+    )
     model.compile(optimizer=opt, loss=LOGITS_CE)
     model.train_on_batch(x, y)
-    assert opt.preconditioner() is None and opt.curvature_model() is None  # no estimate yet
+    if not corrected:  # the authors' first estimate comes at step k
+        assert opt.preconditioner() is None and opt.curvature_model() is None
     for _ in range(4):
         model.train_on_batch(x, y)
     state = [v.numpy().copy() for v in opt.variables]
     m = np.concatenate([v.numpy().ravel() for v in opt._momentums])
     h = np.concatenate([v.numpy().ravel() for v in opt.hessian_diagonal_ema])
-    np.testing.assert_array_equal(np.diag(opt.curvature_model().to_dense()), h)
+    if corrected:  # estimates at steps 0, 2, 4
+        h = h / (1 - 0.99**3)
+    np.testing.assert_allclose(np.diag(opt.curvature_model().to_dense()), h, rtol=1e-14)
     p = opt.preconditioner().diagonal.numpy()
-    direction = np.concatenate(
-        [np.ravel(sophia_direction(a, b, 5.0, opt.epsilon))
-         for a, b in zip(opt._momentums, opt.hessian_diagonal_ema)]
-    )  # fmt: skip
+    direction = np.ravel(sophia_direction(m, h, rho, opt.epsilon))
     unclipped = np.abs(m) < p
     assert 0 < unclipped.sum() < len(m)  # both kinds of coordinates are checked
     np.testing.assert_allclose(direction[unclipped], (m / p)[unclipped], rtol=1e-12)

@@ -8,7 +8,12 @@ import pytest
 import tensorflow as tf
 
 from keras_curv.optimizers import _sampled_labels as sl
-from keras_curv.optimizers.sophia import clipped_fraction, sophia_direction, sophia_moments
+from keras_curv.optimizers.sophia import (
+    clipped_fraction,
+    debiased_hessian,
+    sophia_direction,
+    sophia_moments,
+)
 from tests.curvature.helpers import dense_ggn, flat_params, unflat
 
 
@@ -23,6 +28,20 @@ def test_moments_and_direction_equal_the_authors_rule():
     rho, eps = 0.04, 1e-12
     expected = np.sign(new_m) * np.minimum(np.abs(new_m) / (rho * np.maximum(new_h, 0) + eps), 1)
     np.testing.assert_allclose(sophia_direction(new_m, new_h, rho, eps), expected, rtol=1e-15)
+
+
+def test_debiased_hessian_is_the_weighted_mean_of_the_estimates():
+    rng = np.random.default_rng(1)
+    estimates = rng.normal(size=(3, 5))
+    h = np.zeros(5)
+    for e in estimates:
+        _, h = sophia_moments(np.zeros(5), np.zeros(5), h, e, True, 0.9, 0.99)
+    weights = 0.99 ** np.arange(2, -1, -1)  # the newest estimate weighs most
+    mean = weights @ estimates / weights.sum()
+    np.testing.assert_allclose(debiased_hessian(h, 3, 0.99), mean, rtol=1e-12)
+    _, first = sophia_moments(np.zeros(5), np.zeros(5), np.zeros(5), estimates[0], True, 0.9, 0.99)
+    np.testing.assert_allclose(debiased_hessian(first, 1, 0.99), estimates[0], rtol=1e-12)
+    np.testing.assert_array_equal(debiased_hessian(np.zeros(5), 0, 0.99), np.zeros(5))
 
 
 def test_direction_regimes():
