@@ -76,6 +76,12 @@ def test_has_random_state():
     assert kp.has_random_state(keras.layers.Dropout(0.5))
     assert kp.has_random_state(keras.layers.GaussianNoise(0.1))
     assert not kp.has_random_state(keras.layers.Dense(2))
+    # RNN cells own a generator always and draw only with dropout (DropoutRNNCell).
+    for rnn in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN):
+        quiet, noisy, recurrent = rnn(3), rnn(3, dropout=0.2), rnn(3, recurrent_dropout=0.1)
+        assert quiet.cell._seed_generators and isinstance(quiet.cell, kp.DropoutRNNCell)
+        assert not kp.has_random_state(quiet.cell)
+        assert kp.has_random_state(noisy.cell) and kp.has_random_state(recurrent.cell)
 
 
 def test_softmax_logits_are_kept_on_softmax_outputs():

@@ -18,6 +18,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from tensorflow.python.distribute import cross_device_ops
 from tensorflow.python.ops import control_flow_util
 
@@ -68,8 +69,17 @@ def call_takes_training(model: keras.Model) -> bool:
 
 
 def has_random_state(layer: keras.layers.Layer) -> bool:
-    """Whether ``layer`` draws random numbers in its forward pass (Dropout, noise...)."""
-    return bool(getattr(layer, "_seed_generators", ()))
+    """Whether ``layer`` draws random numbers in its forward pass (Dropout, noise...).
+
+    A layer that owns a ``SeedGenerator`` draws, except Keras's RNN cells (LSTM, GRU,
+    SimpleRNN: ``DropoutRNNCell``), which own one whether or not they draw and draw only
+    with ``dropout`` or ``recurrent_dropout`` above 0.
+    """
+    if not getattr(layer, "_seed_generators", ()):
+        return False
+    if isinstance(layer, DropoutRNNCell):
+        return layer.dropout > 0 or layer.recurrent_dropout > 0
+    return True
 
 
 def softmax_logits(outputs: Any) -> tf.Tensor | None:

@@ -813,6 +813,13 @@ def test_partition_is_used_only_where_it_is_exact():
     assert not class_statistics.can_partition(batch_for(with_bn))
     assert not class_statistics.can_partition(batch_for(with_dropout))
 
+    # Exact for an LSTM without dropout, but slower than the Jacobian (see can_partition).
+    lstm = keras.Sequential(
+        [keras.Input((5,), dtype="int32"), keras.layers.Embedding(7, 3), keras.layers.LSTM(2),
+         keras.layers.Dense(3)]
+    )  # fmt: skip
+    assert not class_statistics.can_partition(batch_for(lstm))
+
 
 def test_pseudo_inverse_never_fails_on_non_finite_or_asymmetric_input():
     from keras_curv.optimizers.class_subspace_math import sym_pinv as _sym_pinv

@@ -121,6 +121,28 @@ def test_stochastic_layers_are_refused_in_training_mode_only():
     assert float(objective.value(w)) == float(objective.value(w))  # deterministic
 
 
+def test_an_lstm_without_dropout_is_deterministic_in_training_mode():
+    """Its cell owns a random generator but draws only with dropout."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 6, size=(12, 4)), rng.integers(0, 3, 12)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(6, 3), keras.layers.LSTM(4),
+         keras.layers.Dense(3)]
+    )  # fmt: skip
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    objective = FullBatchObjective(model, x, y, training=True)
+    w = objective.weights()
+    assert float(objective.value(w)) == float(objective.value(w))
+    noisy = keras.Sequential(
+        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(6, 3),
+         keras.layers.LSTM(4, dropout=0.3), keras.layers.Dense(3)]
+    )  # fmt: skip
+    noisy.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="training=False"):
+        FullBatchObjective(noisy, x, y, training=True)
+
+
 def test_a_loss_of_the_model_and_inputs():
     """loss(model, x, y) with derivatives with respect to the inputs (a PINN's form)."""
     keras.utils.set_random_seed(0)
