@@ -55,16 +55,23 @@ def per_class_dot(
     )
 
 
+def symmetric_eigh(matrix: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``eigh`` of the symmetric part of a small matrix, non-finite entries read as zeros.
+
+    ``eigh`` raises on non-finite input, which would stop training; a step whose
+    statistics overflowed is skipped elsewhere anyway.
+    """
+    matrix = tf.where(tf.math.is_finite(matrix), matrix, tf.zeros_like(matrix))
+    return tf.linalg.eigh(0.5 * (matrix + tf.transpose(matrix)))
+
+
 def sym_pinv(matrix: tf.Tensor, rtol: float = PINV_RTOL) -> tf.Tensor:
     """Pseudo-inverse of a small symmetric PSD matrix, by eigendecomposition (XLA-friendly).
 
-    Non-finite entries are treated as zeros (``eigh`` would raise on them and stop
-    training; a step whose statistics overflowed is skipped elsewhere anyway), and the
-    matrix is symmetrised first.
+    Non-finite entries are treated as zeros and the matrix is symmetrised first
+    (:func:`symmetric_eigh`).
     """
-    matrix = tf.where(tf.math.is_finite(matrix), matrix, tf.zeros_like(matrix))
-    matrix = 0.5 * (matrix + tf.transpose(matrix))
-    values, vectors = tf.linalg.eigh(matrix)
+    values, vectors = symmetric_eigh(matrix)
     cutoff = tf.reduce_max(tf.abs(values)) * tf.constant(rtol, matrix.dtype)
     keep = tf.abs(values) > cutoff
     inverse = tf.where(keep, 1.0 / tf.where(keep, values, tf.ones_like(values)), 0.0)
@@ -196,8 +203,7 @@ def projected_newton_matrices(
     gram: tf.Tensor, block: tf.Tensor, damping: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """``((K + δS)⁺, S⁺)`` on the span of the directions (C x C): ``n = (K + δS)⁺ Vᵀg``."""
-    gram = 0.5 * (gram + tf.transpose(gram))
-    values, vectors = tf.linalg.eigh(gram)
+    values, vectors = symmetric_eigh(gram)
     keep = values > span_cutoff(values)
     basis = vectors * tf.where(keep, tf.math.rsqrt(tf.where(keep, values, 1.0)), 0.0)[None, :]
     eye = tf.eye(tf.shape(block)[0], dtype=block.dtype)

@@ -267,3 +267,10 @@ def test_the_parts_add_up_to_the_step():
     np.testing.assert_allclose(_join([n[None] for n in newton_part])[0], (rows @ g / lam) @ rows)
     complement = _join([f[None] - n[None] for f, n in zip(full, newton_part)])[0]
     np.testing.assert_allclose(complement, 0.1 * (g - (rows @ g) @ rows), atol=1e-14)
+
+
+def test_projected_newton_matrices_never_fail_on_a_non_finite_gram():
+    """``eigh`` raises on non-finite input; an overflowed step is skipped elsewhere."""
+    broken = tf.constant([[np.nan, 1.0], [1.0, np.inf]], tf.float64)
+    newton, projection = csm.projected_newton_matrices(broken, tf.eye(2, dtype=tf.float64), 1.0)
+    assert np.all(np.isfinite(newton.numpy())) and np.all(np.isfinite(projection.numpy()))
